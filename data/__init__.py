@@ -1,0 +1,1 @@
+"""Data loading, formatting, folds and the synthetic sample for arena-pref."""

@@ -1,0 +1,183 @@
+"""Reading and validating competition CSVs (train.csv, test.csv, sample_submission.csv).
+
+prompt / response cells are JSON lists with one string per turn. They are parsed with
+`json.loads` (never `eval`); `null` turns become "" and lone UTF-16 surrogates become U+FFFD,
+both counted in the returned `ParseReport`. Turns stay turns: the formatter sees every one.
+Bad rows are collected and reported together, naming file, row id and field; they are only
+dropped when the caller asks for it (`drop_bad_rows=True`), and then counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TEXT_COLS = ("prompt", "response_a", "response_b")
+LABEL_COLS = ("winner_model_a", "winner_model_b", "winner_tie")
+TRAIN_COLS = ("id", *TEXT_COLS, *LABEL_COLS)
+TEST_COLS = ("id", *TEXT_COLS)
+# Swapping A and B maps class [a wins, b wins, tie] -> [b wins, a wins, tie].
+SWAP_PERM = [1, 0, 2]
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as is; the message names file, row id and field."""
+
+
+@dataclasses.dataclass
+class ParseReport:
+    path: str
+    rows: int = 0
+    null_turns: int = 0
+    surrogate_cells: int = 0
+    mismatched_turn_rows: int = 0
+    multi_turn_rows: int = 0
+    dropped_rows: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.path}: {self.rows} rows ({self.multi_turn_rows} multi-turn, "
+            f"{self.mismatched_turn_rows} with differing turn counts); null turns -> '': {self.null_turns}; "
+            f"cells with lone surrogates cleaned: {self.surrogate_cells}; bad rows dropped: {self.dropped_rows}"
+        )
+
+
+def clean_surrogates(text: str) -> str:
+    """Join valid surrogate pairs into their character and replace lone ones with U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def parse_turns(cell: object) -> tuple[list[str], int, bool]:
+    """Parse one JSON-list cell -> (turns, null count, surrogates cleaned). Raises ValueError."""
+    if not isinstance(cell, str):
+        raise ValueError(f"expected a JSON list string, got {type(cell).__name__} {cell!r}")
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at char {err.pos}): {cell[:80]!r}") from None
+    if not isinstance(value, list):
+        raise ValueError(f"expected a JSON list of strings, got {type(value).__name__}: {cell[:80]!r}")
+    turns, nulls, cleaned = [], 0, False
+    for i, turn in enumerate(value):
+        if turn is None:
+            nulls += 1
+            turn = ""
+        elif not isinstance(turn, str):
+            raise ValueError(f"turn {i} is {type(turn).__name__}, expected string or null")
+        fixed = clean_surrogates(turn)
+        cleaned |= fixed != turn
+        turns.append(fixed)
+    return turns, nulls, cleaned
+
+
+def read_competition_csv(
+    path: str | Path,
+    *,
+    labels: bool | None = None,
+    soft_labels: bool = False,
+    drop_bad_rows: bool = False,
+) -> tuple[pd.DataFrame, ParseReport]:
+    """Read a train/test CSV into a frame with list-valued text columns.
+
+    labels: require the winner columns (True), ignore them (False), or use them when present (None).
+    soft_labels: accept fractional winner columns that sum to 1 (pseudo-labels) instead of one-hot.
+    Returns the frame (extra columns kept, `label` = int class, `target` = 3 floats) and the report.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    df = pd.read_csv(path, dtype={c: "str" for c in TEXT_COLS}, keep_default_na=False, na_values=[])
+    has_labels = all(c in df.columns for c in LABEL_COLS) if labels is None else labels
+    required = TRAIN_COLS if has_labels else TEST_COLS
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    dup = df["id"][df["id"].duplicated(keep=False)]
+    if len(dup):
+        raise DataError(f"{path}: duplicate ids {sorted(set(dup.tolist()))[:20]} ({dup.nunique()} ids repeated)")
+
+    report = ParseReport(path=str(path), rows=len(df))
+    errors: list[str] = []
+    bad: set[int] = set()
+    parsed = {c: [] for c in TEXT_COLS}
+    for pos, row in enumerate(df[["id", *TEXT_COLS]].itertuples(index=False)):
+        turn_counts = []
+        for col, cell in zip(TEXT_COLS, row[1:]):
+            try:
+                turns, nulls, cleaned = parse_turns(cell)
+            except ValueError as err:
+                errors.append(f"{path}: row id={row[0]} field {col}: {err}")
+                bad.add(pos)
+                turns, nulls, cleaned = [], 0, False
+            report.null_turns += nulls
+            report.surrogate_cells += cleaned
+            parsed[col].append(turns)
+            turn_counts.append(len(turns))
+        if pos not in bad:  # an unparseable cell stands in as [], which is no real turn count
+            report.mismatched_turn_rows += len(set(turn_counts)) > 1
+            report.multi_turn_rows += max(turn_counts) > 1
+    for col in TEXT_COLS:
+        df[col] = pd.Series(parsed[col], index=df.index, dtype=object)
+
+    if has_labels:
+        target, label_errors = _read_labels(df, soft_labels)
+        for pos, message in label_errors:
+            errors.append(f"{path}: row id={df['id'].iloc[pos]} field {'/'.join(LABEL_COLS)}: {message}")
+            bad.add(pos)
+        df["target"] = list(target)
+        df["label"] = target.argmax(1)
+
+    if errors and not drop_bad_rows:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(
+            f"{path}: {len(bad)} bad row(s); fix them or pass --drop-bad-rows to drop them:\n  {shown}{more}"
+        )
+    if bad:
+        df = df.drop(index=df.index[sorted(bad)])
+        report.dropped_rows = len(bad)
+    return df.reset_index(drop=True), report
+
+
+def _read_labels(df: pd.DataFrame, soft: bool) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    raw = df[list(LABEL_COLS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    errors = []
+    for pos, values in enumerate(raw):
+        if any(math.isnan(v) for v in values):
+            errors.append((pos, f"non-numeric value in {df[list(LABEL_COLS)].iloc[pos].tolist()}"))
+        elif soft:
+            if values.min() < 0 or abs(values.sum() - 1) > 1e-6:
+                errors.append((pos, f"soft labels must be >= 0 and sum to 1, got {values.tolist()}"))
+        elif not (set(values.tolist()) <= {0.0, 1.0} and values.sum() == 1):
+            errors.append((pos, f"exactly one winner column must be 1, got {values.tolist()}"))
+    return np.nan_to_num(raw), errors
+
+
+def read_sample_submission(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    df = pd.read_csv(path)
+    missing = [c for c in ("id", *LABEL_COLS) if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}")
+    if df["id"].duplicated().any():
+        raise DataError(f"{path}: duplicate ids {sorted(set(df['id'][df['id'].duplicated()]))[:20]}")
+    return df
+
+
+def prompt_key(turns: list[str]) -> str:
+    """Hash of a prompt normalised for grouping: case, whitespace and turn joins do not matter."""
+    text = "\n".join(" ".join(t.lower().split()) for t in turns)
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def pair_key(prompt: list[str], a: list[str], b: list[str]) -> str:
+    """Hash of (prompt, unordered response pair): the same comparison in either A/B order."""
+    sides = sorted(prompt_key(r) for r in (a, b))
+    return hashlib.sha1("|".join([prompt_key(prompt), *sides]).encode()).hexdigest()[:16]

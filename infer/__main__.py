@@ -1,0 +1,22 @@
+"""Inference entry point.
+
+Usage:
+    python -m infer predict runs=RUN[,RUN...] csv=test.csv sample_submission=... out=submission.csv
+    python -m infer predict --help
+"""
+import sys
+
+COMMANDS = {"predict": "infer.predict"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    import importlib
+
+    importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

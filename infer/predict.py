@@ -1,0 +1,259 @@
+"""Score a competition CSV with one or more run folders: the same code for CV (OOF) and Kaggle.
+
+Usage:
+    python -m infer predict runs=runs/gemma2-9b-qlora/fold0-seed42 csv=test.csv \\
+        sample_submission=sample_submission.csv out=submission.csv [workers=2] [tta=true]
+    python -m infer predict runs=RUN csv=train.csv folds=folds.csv fold=0 out=oof0.csv
+
+Rows are formatted by the run's own saved formatter settings and tokenizer, sorted by length,
+cut into token-budget batches, spread over N workers (one per GPU, or N CPU processes) by token
+count, and scored; swap TTA scores each row a second time with A and B exchanged. Everything is
+merged by id (never by position): swapped probabilities are permuted back, TTA passes and runs
+are averaged, rows are renormalised to sum to 1. With winner columns present the log loss is
+printed; with `sample_submission` the output follows its id order and must cover the same ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from data.config import cli_config, from_dict, opt
+from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
+from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission
+from infer.model import ModelConfig, load_for_inference, pick_device
+
+
+@dataclasses.dataclass
+class InferSettings:
+    """Saved in every run's config; `infer predict` uses them unless told otherwise."""
+
+    token_budget: int = opt(16384, "max padded tokens per batch (rows x longest row)")
+    max_rows: int = opt(64, "max rows per batch, whatever their length")
+    tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
+    workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
+    device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    runs: list[str] = opt([], "run folders (each holds adapter/, tokenizer/, config.yaml, manifest.json)")
+    csv: str = opt("", "competition-format CSV to score (test.csv, or train.csv with folds/fold)")
+    out: str = opt("submission.csv", "where to write id + 3 probabilities")
+    sample_submission: str = opt("", "if set, output follows its id order and must cover exactly its ids")
+    folds: str = opt("", "folds file (id,fold): with `fold`, score only that fold's rows")
+    fold: int = opt(-1, "fold to score (needs `folds`); -1 scores every row")
+    tta: bool | None = opt(None, "swap TTA on/off; unset: as the run's config says")
+    workers: int | None = opt(None, "worker count; unset: as the run's config says")
+    token_budget: int | None = opt(None, "batch token budget; unset: as the run's config says")
+    device: str = opt("", "auto | cpu | cuda; empty: as the run's config says")
+    base_path: str = opt("", "base model folder to use instead of the one recorded in the run (e.g. on Kaggle)")
+    quantization: str = opt("", "4bit | 8bit | none for inference; empty: as trained")
+    compute_dtype: str = opt("", "float32 | bfloat16 | float16 for inference; empty: as trained")
+    drop_bad_rows: bool = opt(False, "drop rows that fail validation (counted) instead of stopping")
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    model: ModelConfig
+    format: FormatConfig
+    infer: InferSettings
+    manifest: dict
+
+
+def load_run(path: Path, overrides: PredictConfig | None = None) -> Run:
+    """Read a run folder's resolved config and manifest, applying inference-time overrides."""
+    path = Path(path)
+    for need in ("config.yaml", "manifest.json", "adapter", "tokenizer"):
+        if not (path / need).exists():
+            raise FileNotFoundError(f"{path}: not a complete run folder ({need} missing)")
+    raw = yaml.safe_load((path / "config.yaml").read_text())
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest["formatter"]["version"] != FORMATTER_VERSION:
+        raise ValueError(
+            f"{path}: trained with formatter version {manifest['formatter']['version']}, this code has "
+            f"{FORMATTER_VERSION}; token ids would differ from training"
+        )
+    run = Run(
+        path,
+        from_dict(ModelConfig, raw["model"], f"{path}/config.yaml:model"),
+        from_dict(FormatConfig, raw["format"], f"{path}/config.yaml:format"),
+        from_dict(InferSettings, raw["infer"], f"{path}/config.yaml:infer"),
+        manifest,
+    )
+    if overrides is not None:
+        model_changes = {k: getattr(overrides, k) for k in ("quantization", "compute_dtype") if getattr(overrides, k)}
+        if overrides.base_path:
+            model_changes["path"] = overrides.base_path
+        run.model = dataclasses.replace(run.model, **model_changes)
+        infer_changes = {k: getattr(overrides, k) for k in ("tta", "workers", "token_budget") if getattr(overrides, k) is not None}
+        if overrides.device:
+            infer_changes["device"] = overrides.device
+        run.infer = dataclasses.replace(run.infer, **infer_changes)
+    return run
+
+
+def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Indices grouped longest first so that rows x longest row stays within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def split_batches(batches: list[list[int]], lengths: list[int], n_workers: int) -> list[list[list[int]]]:
+    """Give each worker whole batches so their padded-token totals are as equal as possible."""
+    cost = [len(b) * lengths[b[0]] for b in batches]
+    shares: list[list[list[int]]] = [[] for _ in range(n_workers)]
+    load = [0] * n_workers
+    for j in sorted(range(len(batches)), key=lambda j: (-cost[j], j)):
+        w = load.index(min(load))
+        shares[w].append(batches[j])
+        load[w] += cost[j]
+    return shares
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask; pooling reads the mask, so pad id is irrelevant."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids, mask
+
+
+def _score_share(run_path: str, model_cfg: dict, device: str, batches: list[list[list[int]]], pad_id: int, rank: int):
+    """Worker body: load the run once, score its batches, return float32 logits per batch."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev)
+    out = []
+    with torch.inference_mode():
+        for seqs in tqdm(batches, desc=f"worker {rank} batches", position=rank, leave=False):
+            ids, mask = pad_batch(seqs, pad_id)
+            out.append(model(ids.to(dev), mask.to(dev)).cpu().numpy())
+    return out
+
+
+def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
+    """Per-(id, swap) probabilities of one run, already mapped back to the unswapped order."""
+    from transformers import AutoTokenizer
+
+    formatter = Formatter(AutoTokenizer.from_pretrained(run.path / "tokenizer", local_files_only=True), run.format)
+    passes = [False, True] if run.infer.tta else [False]
+    seqs, ids, swaps = [], [], []
+    for swap in passes:
+        seqs += formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], swap=swap, inference=True)
+        ids += df["id"].tolist()
+        swaps += [swap] * len(df)
+    lengths = list(map(len, seqs))
+    batches = make_batches(lengths, run.infer.token_budget, run.infer.max_rows)
+    device = pick_device(run.infer.device)
+    n_workers = run.infer.workers or (torch.cuda.device_count() if device.type == "cuda" else 1)
+    shares = [s for s in split_batches(batches, lengths, n_workers) if s]
+    devices = [f"cuda:{w}" if device.type == "cuda" else "cpu" for w in range(len(shares))]
+    jobs = [
+        (str(run.path), dataclasses.asdict(run.model), devices[w], [[seqs[i] for i in b] for b in share], formatter.pad_id, w)
+        for w, share in enumerate(shares)
+    ]
+    if len(jobs) == 1:
+        results = [_score_share(*jobs[0])]
+    else:
+        ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; CPU workers match it
+        with ctx.Pool(len(jobs)) as pool:
+            results = pool.starmap(_score_share, jobs)
+    logits = np.zeros((len(seqs), 3), dtype=np.float32)
+    for share, share_logits in zip(shares, results):
+        for batch, batch_logits in zip(share, share_logits):
+            logits[batch] = batch_logits
+    probs = softmax(logits.astype(np.float64))
+    swapped = np.asarray(swaps)
+    probs[swapped] = probs[swapped][:, SWAP_PERM]
+    return pd.DataFrame({"id": ids, "swap": swaps, **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def merge_by_id(frames: list[pd.DataFrame], ids: pd.Series) -> pd.DataFrame:
+    """Average probability rows sharing an id; output in the order of `ids`, each id exactly once."""
+    stacked = pd.concat(frames, ignore_index=True)
+    merged = stacked.groupby("id", sort=False)[list(LABEL_COLS)].mean()
+    missing = set(ids) - set(merged.index)
+    extra = set(merged.index) - set(ids)
+    if missing or extra:
+        raise DataError(f"predictions do not cover the requested ids: missing {sorted(missing)[:10]}, extra {sorted(extra)[:10]}")
+    merged = merged.loc[list(ids)]
+    merged = merged.div(merged.sum(axis=1), axis=0)
+    return merged.reset_index()
+
+
+def predict_frame(runs: list[Run], df: pd.DataFrame) -> pd.DataFrame:
+    """id + 3 probabilities for every row of `df` (rows as returned by read_competition_csv)."""
+    if not runs:
+        raise ValueError("no run folders given (runs=DIR[,DIR...])")
+    frames = [score_run(run, df) for run in runs]
+    return merge_by_id(frames, df["id"])
+
+
+def log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-class log loss with soft or one-hot targets, probabilities clipped like Kaggle's metric."""
+    probs = np.clip(probs, 1e-15, 1 - 1e-15)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    return float(-(targets * np.log(probs)).sum(axis=1).mean())
+
+
+def select_fold(df: pd.DataFrame, folds_path: str, fold: int) -> pd.DataFrame:
+    from data.folds import attach_folds, read_folds
+
+    df = attach_folds(df, read_folds(folds_path), folds_path)
+    if fold not in set(df["fold"]):
+        raise ValueError(f"fold {fold} not in {folds_path} (folds: {sorted(set(df['fold']))})")
+    return df[df["fold"] == fold].reset_index(drop=True)
+
+
+def write_predictions(pred: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(path, index=False, float_format="%.9g")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(PredictConfig, __doc__, argv)
+    if not cfg.csv:
+        raise SystemExit("csv= is required (see python -m infer predict --help)")
+    runs = [load_run(Path(r), cfg) for r in cfg.runs]
+    df, report = read_competition_csv(cfg.csv, drop_bad_rows=cfg.drop_bad_rows)
+    print(report.summary())
+    if cfg.folds or cfg.fold >= 0:
+        if not (cfg.folds and cfg.fold >= 0):
+            raise SystemExit("folds= and fold= go together")
+        df = select_fold(df, cfg.folds, cfg.fold)
+    pred = predict_frame(runs, df)
+    if cfg.sample_submission:
+        order = read_sample_submission(cfg.sample_submission)["id"]
+        pred = merge_by_id([pred], order)
+    write_predictions(pred, Path(cfg.out))
+    print(f"wrote {len(pred)} rows to {cfg.out}")
+    if "target" in df:
+        truth = np.stack(df.set_index("id").loc[pred["id"], "target"].to_numpy())
+        print(f"log loss: {log_loss(truth, pred[list(LABEL_COLS)].to_numpy()):.5f} on {len(pred)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Train QLoRA 3-class preference models fold by fold and report CV log loss.
+
+Usage:
+    python -m train configs/gemma2-9b-qlora.yaml fold=0
+    python -m train configs/gemma2-9b-qlora.yaml fold=all seed=7 train.lr=1e-4
+    python -m train --help
+
+Each fold trains on the other folds (plus `data.extra_csv` rows), saves a self-contained run
+folder, and scores its held-out rows with `infer` (the code the submission uses): oof.csv and
+the fold's log loss land in the run folder. `fold=all` runs every fold and prints the CV table
+(per fold and overall OOF log loss, next to the class prior of the training folds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.config import cli_config, split_argv
+from data.io import LABEL_COLS
+from infer.predict import log_loss, write_predictions
+from train.config import TrainConfig
+from train.fold import load_rows, run_dir_for, train_fold
+
+
+def cv_table(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
+    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
+    for m in results:
+        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
+    oof = pd.concat([pd.read_csv(run_dir_for(cfg, m["fold"]) / "oof.csv") for m in results], ignore_index=True)
+    truth = np.stack(df.set_index("id").loc[oof["id"], "target"].to_numpy())
+    overall = log_loss(truth, oof[list(LABEL_COLS)].to_numpy())
+    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
+    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / len(oof)
+    lines.append(f"{'all':>5} {len(oof):>6} {overall:>9.4f} {prior:>9.4f}")
+    summary = {"folds": results, "oof_log_loss": overall, "prior_log_loss": prior, "rows": len(oof)}
+    out = Path(cfg.output_dir) / cfg.name
+    (out / f"cv-seed{cfg.seed}.json").write_text(json.dumps(summary, indent=2))
+    write_predictions(oof, out / f"oof-seed{cfg.seed}.csv")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = cli_config(TrainConfig, __doc__, argv)
+    yaml_path, _, _ = split_argv(argv)
+    if not cfg.name:
+        if yaml_path is None:
+            raise SystemExit("config error: give a config file or name=")
+        cfg = dataclasses.replace(cfg, name=yaml_path.stem)
+    df, extra = load_rows(cfg)
+    folds = sorted(int(f) for f in set(df["fold"]))
+    if cfg.fold == "all":
+        todo = folds
+    elif cfg.fold.lstrip("-").isdigit() and int(cfg.fold) in folds:
+        todo = [int(cfg.fold)]
+    else:
+        raise SystemExit(f"config error: fold={cfg.fold!r} is neither `all` nor one of {folds}")
+    results = []
+    for fold in todo:
+        metrics = train_fold(cfg, fold, df, extra)
+        print(f"fold {fold}: log loss {metrics['log_loss']:.4f} (class prior {metrics['prior_log_loss']:.4f})")
+        results.append(metrics)
+    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_table(cfg, results, df))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The training entry point's config: one dataclass per YAML section, help text on every field."""
+from __future__ import annotations
+
+import dataclasses
+
+from data.config import opt
+from data.formatter import FormatConfig
+from infer.model import ModelConfig
+from infer.predict import InferSettings
+
+
+@dataclasses.dataclass
+class DataSettings:
+    train_csv: str = opt("", "competition-format train CSV")
+    folds_csv: str = opt("", "id -> fold file written once by `python -m data.folds`")
+    extra_csv: list[str] = opt([], "extra labelled CSVs (same format) added to the training folds only")
+    drop_bad_rows: bool = opt(False, "drop rows that fail validation (counted) instead of stopping")
+    max_train_rows: int = opt(0, "use only the first N training rows after shuffling (0: all); for quick demos")
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    epochs: float = opt(1.0, "passes over the training rows (swapped copies included)")
+    lr: float = opt(2e-4, "peak learning rate of the LoRA weights")
+    head_lr: float = opt(0.0, "learning rate of the classification head; 0 means `lr`")
+    batch_size: int = opt(4, "rows per device per micro-batch")
+    grad_accum: int = opt(2, "micro-batches per optimizer step")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup: float = opt(0.05, "warm-up: a fraction of all steps if < 1, else a step count")
+    scheduler: str = opt("cosine", "transformers lr_scheduler_type (linear, cosine, constant, ...)")
+    optim: str = opt("adamw_torch", "transformers optim name (adamw_torch, paged_adamw_8bit, ...)")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")
+    soft_labels: bool = opt(False, "read winner columns as probabilities summing to 1 (pseudo-labels)")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    logging_steps: int = opt(10, "log the training loss every N steps")
+    report_to: str = opt("wandb", "wandb (offline unless WANDB_MODE says otherwise) | none | tensorboard")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str = opt("", "run name; empty means the config file's stem. Runs go to output_dir/name/fold{k}-seed{s}")
+    fold: str = opt("0", "fold to hold out and score (an integer), or `all` for every fold and the CV table")
+    seed: int = opt(42, "seed for the head init, LoRA init, data order and dropout")
+    output_dir: str = opt("runs", "parent folder of run folders")
+    overwrite: bool = opt(False, "replace an existing finished run folder")
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+    train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
+    infer: InferSettings = dataclasses.field(default_factory=InferSettings)

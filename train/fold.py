@@ -1,0 +1,214 @@
+"""Train one fold and score its held-out rows through `infer` (the submission's code path).
+
+A run folder `output_dir/name/fold{k}-seed{s}/` ends up holding everything inference needs:
+adapter/ (LoRA + head), tokenizer/, config.yaml (resolved), manifest.json (formatter version,
+head checksum, package versions, metrics), oof.csv and metrics.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments, set_seed
+
+from data.config import save_yaml
+from data.folds import add_extra_training_rows, attach_folds, read_folds
+from data.formatter import Formatter
+from data.io import LABEL_COLS, SWAP_PERM, read_competition_csv
+from infer.model import adapter_head, build_for_training, head_checksum, load_tokenizer, pick_device
+from infer.predict import load_run, log_loss, pad_batch, predict_frame, write_predictions
+from train.config import TrainConfig
+
+
+def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
+    return Path(cfg.output_dir) / cfg.name / f"fold{fold}-seed{cfg.seed}"
+
+
+def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Competition rows with their fold, and extra rows (training folds only, fold -1)."""
+    soft = cfg.train.soft_labels
+    df, report = read_competition_csv(cfg.data.train_csv, labels=True, soft_labels=soft, drop_bad_rows=cfg.data.drop_bad_rows)
+    print(report.summary())
+    if not cfg.data.folds_csv or not Path(cfg.data.folds_csv).is_file():
+        raise FileNotFoundError(
+            f"data.folds_csv={cfg.data.folds_csv!r} not found: write it once with "
+            f"`python -m data.folds csv={cfg.data.train_csv} out=<folds.csv>`"
+        )
+    df = attach_folds(df, read_folds(cfg.data.folds_csv), cfg.data.folds_csv)
+    extras = []
+    for path in cfg.data.extra_csv:
+        extra, extra_report = read_competition_csv(path, labels=True, soft_labels=soft, drop_bad_rows=cfg.data.drop_bad_rows)
+        print(extra_report.summary())
+        kept, stats = add_extra_training_rows(pd.concat([df, *extras], ignore_index=True), extra)
+        print(f"{path}: {stats}")
+        extras.append(kept)
+    extra_df = pd.concat(extras, ignore_index=True) if extras else df.iloc[:0]
+    return df, extra_df
+
+
+def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
+    targets = np.stack(df["target"].to_numpy()).astype(np.float32)
+    passes = [(False, targets)] + ([(True, targets[:, SWAP_PERM])] if swap_aug else [])
+    examples = []
+    for swap, tgt in passes:
+        ids = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], swap=swap)
+        examples += [{"input_ids": x, "target": t} for x, t in zip(ids, tgt)]
+    return examples
+
+
+class Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids, mask = pad_batch([e["input_ids"] for e in examples], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "target": torch.tensor(np.stack([e["target"] for e in examples]))}
+
+
+class PairTrainer(Trainer):
+    """Trainer with soft-target cross-entropy on pooled logits and a separate head learning rate."""
+
+    def __init__(self, *args, head_lr: float, label_smoothing: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_lr = head_lr
+        self.label_smoothing = label_smoothing
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        target = inputs.pop("target")
+        logits = model(**inputs)
+        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        return (loss, logits) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            head = [p for n, p in params if ".score." in n]
+            groups = [{"params": [p for n, p in params if ".score." not in n]}]
+            groups.append({"params": head, "lr": self.head_lr or self.args.learning_rate})
+            optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optim_kwargs["weight_decay"] = self.args.weight_decay
+            self.optimizer = optim_cls(groups, **optim_kwargs)
+        return self.optimizer
+
+
+def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = device.type == "cuda"
+    if "wandb" in t.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")  # no network on the training boxes by default
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    return TrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        run_name=run_dir.parent.name + "-" + run_dir.name,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.scheduler,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_gpu and cfg.model.compute_dtype == "bfloat16",
+        fp16=on_gpu and cfg.model.compute_dtype == "float16",
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        label_names=["target"],
+        dataloader_num_workers=0,
+    )
+
+
+def write_manifest(run_dir: Path, cfg: TrainConfig, formatter: Formatter, fold: int, counts: dict) -> None:
+    key, head = adapter_head(run_dir / "adapter")
+    manifest = {
+        "name": cfg.name,
+        "fold": fold,
+        "seed": cfg.seed,
+        "formatter": formatter.describe(),
+        "head": {"key": key, "shape": list(head.shape), "sha256": head_checksum(head)},
+        "base_model": {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file},
+        "rows": counts,
+        "packages": {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
+    """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer."""
+    run_dir = run_dir_for(cfg, fold)
+    if (run_dir / "metrics.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a finished run; pass overwrite=true to replace it")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    set_seed(cfg.seed)
+    train_df = pd.concat([df[df["fold"] != fold], extra], ignore_index=True)
+    if cfg.data.max_train_rows:
+        train_df = train_df.sample(frac=1.0, random_state=cfg.seed).head(cfg.data.max_train_rows)
+    valid_df = df[df["fold"] == fold].reset_index(drop=True)
+    if valid_df.empty:
+        raise ValueError(f"fold {fold} has no rows in {cfg.data.folds_csv}")
+
+    tokenizer = load_tokenizer(cfg.model)
+    formatter = Formatter(tokenizer, cfg.format)
+    examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
+    device = pick_device(cfg.infer.device)
+    model = build_for_training(cfg.model, formatter.pad_id, device)
+    args = training_args(cfg, run_dir, device)
+    trainer = PairTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=Collator(formatter.pad_id),
+        head_lr=cfg.train.head_lr,
+        label_smoothing=cfg.train.label_smoothing,
+    )
+    start = time.time()
+    print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}")
+    trainer.train()
+    train_seconds = time.time() - start
+
+    model.peft.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    save_yaml(dataclasses.replace(cfg, fold=str(fold)), run_dir / "config.yaml")
+    counts = {"train": len(train_df), "extra": len(extra), "valid": len(valid_df), "sequences": len(examples)}
+    write_manifest(run_dir, cfg, formatter, fold, counts)
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    oof = predict_frame([load_run(run_dir)], valid_df)
+    write_predictions(oof, run_dir / "oof.csv")
+    truth = np.stack(valid_df.set_index("id").loc[oof["id"], "target"].to_numpy())
+    comp_train = df[df["fold"] != fold]
+    prior = np.stack(comp_train["target"].to_numpy()).mean(axis=0)
+    metrics = {
+        "fold": fold,
+        "rows": len(valid_df),
+        "log_loss": log_loss(truth, oof[list(LABEL_COLS)].to_numpy()),
+        "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
+        "prior": prior.tolist(),
+        "train_seconds": round(train_seconds, 1),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["metrics"] = metrics
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return metrics
