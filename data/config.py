@@ -17,7 +17,11 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input from the user (config, data, run folder): the CLI reports it in one line."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the entry point's dataclass."""
 
 
@@ -137,6 +141,15 @@ def format_help(cls: type, prefix: str = "") -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  {prefix + f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def run_cli(main) -> None:
+    """Run an entry point's main(); expected user errors print one clear line instead of a traceback."""
+    try:
+        main()
+    except (UserError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def cli_config(cls: type, doc: str, argv: list[str] | None = None) -> Any:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from data.config import cli_config, opt
+from data.config import cli_config, opt, run_cli
 from data.io import DataError, pair_key, prompt_key, read_competition_csv
 
 FOLD_COLS = ("id", "fold")
@@ -179,13 +178,8 @@ def run(cfg: FoldsConfig) -> pd.DataFrame:
 
 
 def main() -> None:
-    cfg = cli_config(FoldsConfig, __doc__)
-    try:
-        run(cfg)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run(cli_config(FoldsConfig, __doc__))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

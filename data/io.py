@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.config import UserError
+
 TEXT_COLS = ("prompt", "response_a", "response_b")
 LABEL_COLS = ("winner_model_a", "winner_model_b", "winner_tie")
 TRAIN_COLS = ("id", *TEXT_COLS, *LABEL_COLS)
@@ -25,7 +27,7 @@ TEST_COLS = ("id", *TEXT_COLS)
 SWAP_PERM = [1, 0, 2]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used as is; the message names file, row id and field."""
 
 

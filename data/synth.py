@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.config import cli_config, opt
+from data.config import cli_config, opt, run_cli
 from data.io import LABEL_COLS, read_competition_csv
 
 GOOD = ["excellent", "correct", "clear", "helpful", "precise", "accurate", "thorough", "concise", "insightful",
@@ -54,7 +54,7 @@ class SynthConfig:
     n_test: int = opt(60, "rows in test.csv")
     seed: int = opt(0, "seed of numpy's default_rng; the same seed gives byte-identical files")
     rows_per_prompt: float = opt(3.0, "average rows sharing one prompt (grouped folds need repeats)")
-    multi_turn_rate: float = opt(0.1, "share of prompts with 2-3 turns")
+    multi_turn_rate: float = opt(0.1, "share of rows whose prompt has 2-3 turns")
     same_quality_rate: float = opt(0.24, "chance that B has A's quality in an ordinary row (sets the tie rate)")
     label_noise: float = opt(0.07, "share of rows whose label is replaced by a uniformly random class")
     empty_rate: float = opt(0.035, "share of rows where one response is empty ('' or null turns)")
@@ -110,7 +110,7 @@ def _response(rng: np.random.Generator, good: bool, n_turns: int) -> list[str]:
 
 
 def _pick(rng: np.random.Generator, n: int, rate: float, exclude: set[int]) -> set[int]:
-    """Row positions for a special case: a fixed count (at least one when rate > 0), never overlapping."""
+    """Row positions for a special case: a fixed count (at least one when rate > 0), none from `exclude`."""
     free = np.array(sorted(set(range(n)) - exclude))
     k = min(len(free), max(1, round(rate * n))) if rate > 0 else 0
     return set(rng.choice(free, k, replace=False).tolist()) if k else set()
@@ -127,10 +127,12 @@ def generate(cfg: SynthConfig, n: int, ids: np.ndarray, rng: np.random.Generator
     # so the row share does not swing with how often each prompt happened to be reused.
     uses = np.bincount(which, minlength=n_prompts)
     multi: set[int] = set()
+    covered = 0
     for p in rng.permutation(n_prompts):
-        if sum(uses[q] for q in multi) >= cfg.multi_turn_rate * n:
+        if covered >= cfg.multi_turn_rate * n:
             break
         multi.add(int(p))
+        covered += int(uses[p])
     pool = _make_prompts(rng, n_prompts, multi)
     empty = _pick(rng, n, cfg.empty_rate, set())
     identical = _pick(rng, n, cfg.identical_rate, empty)
@@ -187,6 +189,7 @@ def to_cell(turns: list) -> str:
 
 
 def build(cfg: SynthConfig) -> dict[str, pd.DataFrame]:
+    """The three CSV frames (train, test, sample_submission) with JSON-list text cells."""
     rng = np.random.default_rng(cfg.seed)
     ids = rng.choice(9_000_000, cfg.n_train + cfg.n_test, replace=False) + 1_000_000
     train_ids, test_ids = np.sort(ids[: cfg.n_train]), np.sort(ids[cfg.n_train :])
@@ -231,4 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,7 +15,10 @@ def main() -> None:
         raise SystemExit(2)
     import importlib
 
-    importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
+    from data.config import run_cli
+
+    command = importlib.import_module(COMMANDS[sys.argv[1]])
+    run_cli(lambda: command.main(sys.argv[2:]))
 
 
 if __name__ == "__main__":

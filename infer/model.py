@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.config import opt
+from data.config import UserError, opt
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class AdapterError(RuntimeError):
+class AdapterError(UserError, RuntimeError):
     """A run folder whose adapter or head cannot be trusted for inference."""
 
 
@@ -157,7 +157,9 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        # Renamed in transformers 5.2x; the GPU image still has 5.17, which only knows the old name.
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     _head_to_fp32(model)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # puts the head in modules_to_save: trained and saved with the adapter

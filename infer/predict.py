@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from data.config import cli_config, from_dict, opt
+from data.config import cli_config, run_cli, from_dict, opt
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission
 from infer.model import ModelConfig, load_for_inference, pick_device
@@ -256,4 +256,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

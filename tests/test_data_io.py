@@ -28,9 +28,9 @@ def cell(*turns) -> str:
     return json.dumps(list(turns), ensure_ascii=False)
 
 
-def row(id, prompt=None, a=None, b=None, winner=(1, 0, 0), **extra) -> dict:
+def row(row_id, prompt=None, a=None, b=None, winner=(1, 0, 0), **extra) -> dict:
     out = {
-        "id": id,
+        "id": row_id,
         "prompt": prompt if prompt is not None else cell("hello"),
         "response_a": a if a is not None else cell("answer a"),
         "response_b": b if b is not None else cell("answer b"),

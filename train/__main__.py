@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.config import cli_config, split_argv
+from data.config import cli_config, run_cli, split_argv
 from data.io import LABEL_COLS
 from infer.predict import log_loss, write_predictions
 from train.config import TrainConfig
@@ -69,4 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -134,7 +134,11 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     )
 
 
-def write_manifest(run_dir: Path, cfg: TrainConfig, formatter: Formatter, fold: int, counts: dict) -> None:
+def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict) -> None:
+    """Write what inference needs: adapter (LoRA + head), tokenizer, resolved config, manifest."""
+    model.peft.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    save_yaml(dataclasses.replace(cfg, fold=str(fold)), run_dir / "config.yaml")
     key, head = adapter_head(run_dir / "adapter")
     manifest = {
         "name": cfg.name,
@@ -183,11 +187,8 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     trainer.train()
     train_seconds = time.time() - start
 
-    model.peft.save_pretrained(run_dir / "adapter")
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    save_yaml(dataclasses.replace(cfg, fold=str(fold)), run_dir / "config.yaml")
     counts = {"train": len(train_df), "extra": len(extra), "valid": len(valid_df), "sequences": len(examples)}
-    write_manifest(run_dir, cfg, formatter, fold, counts)
+    save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts)
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()

@@ -1,0 +1,233 @@
+"""Train -> save -> reload -> predict on tiny random models (real 4-bit NF4 path on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, SAMPLE
+from data.config import build_config
+from data.formatter import Formatter
+from data.io import LABEL_COLS, DataError, read_competition_csv
+from infer.model import AdapterError, build_for_training, load_for_inference, pick_device
+from infer.predict import load_run, pad_batch, predict_frame, score_run
+from train.__main__ import main as train_main
+from train.config import TrainConfig
+from train.fold import encode_examples, save_run
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train_args(config: str, model_dir: Path, folds: Path, out: Path, *extra: str) -> list[str]:
+    return [str(REPO / "configs" / config), f"model.path={model_dir}", f"data.folds_csv={folds}",
+            f"data.train_csv={SAMPLE / 'train.csv'}", f"output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama, sample_folds) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0"))
+    return out / "tiny-llama" / "fold0-seed42"
+
+
+@pytest.fixture(scope="module")
+def sample_rows():
+    return read_competition_csv(SAMPLE / "train.csv")[0]
+
+
+def test_tiny_training_beats_class_prior(llama_run):
+    metrics = json.loads((llama_run / "metrics.json").read_text())
+    assert metrics["rows"] > 40
+    assert metrics["log_loss"] < metrics["prior_log_loss"] - 0.15, metrics
+
+
+def test_run_folder_holds_what_inference_needs(llama_run):
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer", "config.yaml", "oof.csv"):
+        assert (llama_run / name).exists(), name
+    manifest = json.loads((llama_run / "manifest.json").read_text())
+    assert manifest["formatter"]["version"] == "1" and manifest["formatter"]["template"] == "tags"
+    assert manifest["head"]["key"].endswith("score.weight") and len(manifest["head"]["sha256"]) == 64
+    assert manifest["metrics"]["log_loss"] == json.loads((llama_run / "metrics.json").read_text())["log_loss"]
+    assert load_run(llama_run).model.quantization == "4bit"
+
+
+def test_oof_rows_equal_infer_predict_cli(llama_run, sample_folds, tmp_path):
+    """CV and submission are one function: the CLI on fold 0's rows reproduces oof.csv exactly."""
+    out = tmp_path / "pred.csv"
+    cmd = [sys.executable, "-m", "infer", "predict", f"runs={llama_run}", f"csv={SAMPLE / 'train.csv'}",
+           f"folds={sample_folds}", "fold=0", f"out={out}"]
+    subprocess.run(cmd, check=True, cwd=REPO, env=ENV, capture_output=True)
+    assert out.read_bytes() == (llama_run / "oof.csv").read_bytes()
+
+
+def test_one_and_two_workers_identical(llama_run, sample_rows):
+    rows = sample_rows.iloc[:40]
+    one = predict_frame([load_run(llama_run)], rows)
+    run = load_run(llama_run)
+    run.infer.workers = 2
+    two = predict_frame([run], rows)
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+
+
+def test_swap_tta_is_invariant_to_ab_order(llama_run, sample_rows):
+    rows = sample_rows.iloc[:30]
+    swapped = rows.assign(response_a=rows["response_b"], response_b=rows["response_a"])
+    run = load_run(llama_run)
+    p = predict_frame([run], rows)[list(LABEL_COLS)].to_numpy()
+    q = predict_frame([run], swapped)[list(LABEL_COLS)].to_numpy()
+    np.testing.assert_allclose(p, q[:, [1, 0, 2]], atol=1e-6)
+    per_pass = score_run(run, rows)
+    assert per_pass.groupby("id").size().eq(2).all()  # both passes present, merged by id
+
+
+def test_submission_follows_sample_order_and_sums_to_one(llama_run, tmp_path):
+    sample = pd.read_csv(SAMPLE / "sample_submission.csv").sample(frac=1.0, random_state=1)
+    sample.to_csv(tmp_path / "sample.csv", index=False)
+    out = tmp_path / "submission.csv"
+    cmd = [sys.executable, "-m", "infer", "predict", f"runs={llama_run}", f"csv={SAMPLE / 'test.csv'}",
+           f"sample_submission={tmp_path / 'sample.csv'}", f"out={out}", "tta=false"]
+    subprocess.run(cmd, check=True, cwd=REPO, env=ENV, capture_output=True)
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["id", *LABEL_COLS]
+    assert sub["id"].tolist() == sample["id"].tolist()
+    np.testing.assert_allclose(sub[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)
+    assert (sub[list(LABEL_COLS)] > 0).all().all()
+
+    sample.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    cmd[-3] = f"sample_submission={tmp_path / 'short.csv'}"
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and str(sample["id"].iloc[0]) in result.stderr
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_missing_head_is_refused(llama_run, tmp_path, sample_rows):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(llama_run, tmp_path)
+    file = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if "score" not in k}, file)
+    with pytest.raises(AdapterError, match="no classification head"):
+        predict_frame([load_run(run)], sample_rows.iloc[:4])
+    cmd = [sys.executable, "-m", "infer", "predict", f"runs={run}", f"csv={SAMPLE / 'test.csv'}", f"out={tmp_path / 'x.csv'}"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and "no classification head" in result.stderr
+
+
+def test_changed_head_fails_checksum(llama_run, tmp_path, sample_rows):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(llama_run, tmp_path)
+    file = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("score.weight"))
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, file)
+    with pytest.raises(AdapterError, match="checksum"):
+        predict_frame([load_run(run)], sample_rows.iloc[:4])
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "none"])
+def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path, quantization, sample_rows):
+    cfg = build_config(TrainConfig, REPO / "configs" / "tiny-llama.yaml",
+                       [f"model.path={tiny_llama}", f"model.quantization={quantization}", "name=rt"])
+    formatter = Formatter(tiny_tokenizer, cfg.format)
+    torch.manual_seed(0)
+    model = build_for_training(cfg.model, formatter.pad_id, pick_device("cpu"))
+    with torch.no_grad():  # stand-in for training: LoRA B starts at zero, so make every update visible
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.eval()
+    seqs = [e["input_ids"] for e in encode_examples(formatter, sample_rows.iloc[:6], swap_aug=True)]
+    ids, mask = pad_batch(seqs, formatter.pad_id)
+    with torch.inference_mode():
+        before = model(ids, mask)
+    save_run(tmp_path, cfg, model, tiny_tokenizer, formatter, 0, {})
+    reloaded = load_for_inference(tmp_path, cfg.model, pick_device("cpu"))
+    with torch.inference_mode():
+        after = reloaded(ids, mask)
+    assert torch.equal(before, after)
+
+
+def test_padding_does_not_change_a_rows_logits(llama_run, sample_rows):
+    run = load_run(llama_run)
+    model = load_for_inference(llama_run, run.model, pick_device("cpu"))
+    from transformers import AutoTokenizer
+
+    formatter = Formatter(AutoTokenizer.from_pretrained(llama_run / "tokenizer"), run.format)
+    seqs = formatter.encode_batch(sample_rows["prompt"][:5], sample_rows["response_a"][:5], sample_rows["response_b"][:5])
+    with torch.inference_mode():
+        batched = model(*pad_batch(seqs, formatter.pad_id))
+        alone = torch.cat([model(*pad_batch([s], formatter.pad_id)) for s in seqs])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_swap_augmentation_permutes_labels(tiny_tokenizer, sample_rows):
+    formatter = Formatter(tiny_tokenizer, build_config(TrainConfig).format)
+    rows = sample_rows.iloc[:20]
+    examples = encode_examples(formatter, rows, swap_aug=True)
+    assert len(examples) == 40
+    for k in range(20):
+        plain, swapped = examples[k], examples[20 + k]
+        np.testing.assert_array_equal(swapped["target"], plain["target"][[1, 0, 2]])
+        row = rows.iloc[k]
+        assert swapped["input_ids"] == formatter.encode(row.prompt, row.response_b, row.response_a)
+
+
+def test_gemma2_trains_and_predicts(tmp_path, tiny_gemma2, sample_folds):
+    train_main(train_args("tiny-gemma2.yaml", tiny_gemma2, sample_folds, tmp_path, "fold=1"))
+    run = tmp_path / "tiny-gemma2" / "fold1-seed42"
+    oof = pd.read_csv(run / "oof.csv")
+    folds = pd.read_csv(sample_folds)
+    assert sorted(oof["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
+    assert load_run(run).model.attn_implementation == "auto"
+
+
+def test_fold_all_prints_cv_table(tmp_path, tiny_llama, sample_folds, capsys):
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=all", "train.epochs=1",
+                          "model.quantization=none", "train.swap_aug=false", "infer.tta=false"))
+    printed = capsys.readouterr().out
+    table = printed[printed.index("CV (OOF"):]
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["0", "1", "2", "3", "4", "all"]
+    summary = json.loads((tmp_path / "tiny-llama" / "cv-seed42.json").read_text())
+    oof = pd.read_csv(tmp_path / "tiny-llama" / "oof-seed42.csv")
+    assert summary["rows"] == len(oof) == 300 and oof["id"].is_unique
+
+
+def test_extra_rows_only_in_training(tmp_path, tiny_llama, sample_folds):
+    extra = pd.read_csv(SAMPLE / "test.csv").assign(winner_model_a=1, winner_model_b=0, winner_tie=0)
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=2", "train.max_steps=2",
+                          f"data.extra_csv={tmp_path / 'extra.csv'}"))
+    run = tmp_path / "tiny-llama" / "fold2-seed42"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["rows"]["extra"] == len(extra)
+    assert not set(pd.read_csv(run / "oof.csv")["id"]) & set(extra["id"])
+
+
+def test_existing_run_is_not_overwritten(llama_run, tiny_llama, sample_folds):
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, llama_run.parents[1], "fold=0"))
+
+
+def test_bad_rows_stop_training_naming_the_row(tmp_path, tiny_llama, sample_folds):
+    df = pd.read_csv(SAMPLE / "train.csv")
+    df.loc[3, "winner_tie"] = 1
+    df.to_csv(tmp_path / "bad.csv", index=False)
+    args = train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=0")
+    args[3] = f"data.train_csv={tmp_path / 'bad.csv'}"
+    with pytest.raises(DataError, match=f"id={df.loc[3, 'id']}"):
+        train_main(args)
