@@ -48,6 +48,11 @@ class ModelConfig:
             raise ValueError(f"model.quantization must be 4bit, 8bit or none, got {self.quantization!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"model.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}")
+        if self.gguf_file and self.quantization != "none":
+            raise ValueError(
+                "model.gguf_file: transformers dequantises GGUF weights and cannot re-quantise them with "
+                "bitsandbytes; use model.quantization=none, or a safetensors copy of the base for 4bit/8bit"
+            )
 
 
 def resolve_path(path: str) -> Path:

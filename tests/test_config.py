@@ -45,6 +45,7 @@ def test_flag_spelling_maps_to_key():
         ("train.swap_aug=maybe", "train.swap_aug .* must be bool"),
         ("format.template=chatml", "format.template must be one of"),
         ("model.quantization=3bit", "model.quantization must be"),
+        ("model.gguf_file=x.gguf", "cannot re-quantise"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

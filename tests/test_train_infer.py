@@ -23,7 +23,8 @@ from train.__main__ import main as train_main
 from train.config import TrainConfig
 from train.fold import encode_examples, save_run
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+PYTHONPATH = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
 
 
 def train_args(config: str, model_dir: Path, folds: Path, out: Path, *extra: str) -> list[str]:

@@ -1,0 +1,45 @@
+"""GPU-only checks (skipped on CPU): QLoRA with bf16 compute on CUDA, and workers over several GPUs."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from data.io import read_competition_csv
+from infer.predict import load_run, predict_frame
+from test_train_infer import SAMPLE, train_args
+from train.__main__ import main as train_main
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, tiny_llama, sample_folds):
+    out = tmp_path_factory.mktemp("gpu-runs")
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0", "model.compute_dtype=bfloat16",
+                          "infer.device=cuda"))
+    return out / "tiny-llama" / "fold0-seed42"
+
+
+def test_qlora_bf16_on_cuda_beats_prior(cuda_run):
+    metrics = json.loads((cuda_run / "metrics.json").read_text())
+    assert metrics["log_loss"] < metrics["prior_log_loss"] - 0.15, metrics
+
+
+def test_cuda_predict_matches_oof(cuda_run, sample_folds):
+    df = read_competition_csv(SAMPLE / "train.csv")[0]
+    folds = pd.read_csv(sample_folds)
+    rows = df[df["id"].isin(folds.loc[folds["fold"] == 0, "id"])].reset_index(drop=True)
+    pred = predict_frame([load_run(cuda_run)], rows)
+    pd.testing.assert_frame_equal(pred, pd.read_csv(cuda_run / "oof.csv"), check_exact=False, atol=1e-7, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_identical_to_one(cuda_run):
+    df = read_competition_csv(SAMPLE / "test.csv")[0]
+    one = predict_frame([load_run(cuda_run)], df)
+    run = load_run(cuda_run)
+    run.infer.workers = 2
+    pd.testing.assert_frame_equal(one, predict_frame([run], df), check_exact=True)
