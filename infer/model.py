@@ -162,9 +162,7 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif cfg.gradient_checkpointing:
-        # Renamed in transformers 5.2x; the GPU image still has 5.17, which only knows the old name.
-        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-        enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     _head_to_fp32(model)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # puts the head in modules_to_save: trained and saved with the adapter

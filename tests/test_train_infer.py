@@ -232,3 +232,11 @@ def test_bad_rows_stop_training_naming_the_row(tmp_path, tiny_llama, sample_fold
     args[3] = f"data.train_csv={tmp_path / 'bad.csv'}"
     with pytest.raises(DataError, match=f"id={df.loc[3, 'id']}"):
         train_main(args)
+
+
+def test_8bit_base_trains_and_scores(tmp_path, tiny_llama, sample_folds):
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=3", "model.quantization=8bit",
+                          "train.max_steps=3", "infer.tta=false"))
+    run = tmp_path / "tiny-llama" / "fold3-seed42"
+    assert load_run(run).model.quantization == "8bit"
+    assert len(pd.read_csv(run / "oof.csv")) == json.loads((run / "metrics.json").read_text())["rows"]
