@@ -106,7 +106,6 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     on_gpu = device.type == "cuda"
     if "wandb" in t.report_to:
         os.environ.setdefault("WANDB_MODE", "offline")  # no network on the training boxes by default
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
     return TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         run_name=run_dir.parent.name + "-" + run_dir.name,
@@ -186,6 +185,10 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}")
     trainer.train()
     train_seconds = time.time() - start
+    if "wandb" in cfg.train.report_to:
+        import wandb
+
+        wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
 
     counts = {"train": len(train_df), "extra": len(extra), "valid": len(valid_df), "sequences": len(examples)}
     save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts)
