@@ -61,7 +61,10 @@ def build_config(cls: type, yaml_path: Path | None = None, overrides: list[str] 
     if yaml_path is not None:
         if not yaml_path.is_file():
             raise ConfigError(f"config file not found: {yaml_path}")
-        raw = yaml.safe_load(yaml_path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(yaml_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{yaml_path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{yaml_path}: top level must be a mapping")
     for item in overrides or []:
@@ -69,11 +72,14 @@ def build_config(cls: type, yaml_path: Path | None = None, overrides: list[str] 
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a YAML section whose keys are all commented out
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = value  # kept as text; converted against the field's type below
-    return _build(cls, raw, prefix="", source=str(yaml_path or "overrides"))
+    source = " + ".join(filter(None, [str(yaml_path or ""), "command-line overrides" if overrides else ""])) or "defaults"
+    return _build(cls, raw, prefix="", source=source)
 
 
 def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
@@ -93,9 +99,18 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: {err}") from None
 
 
+def _parse_text(value: str, key: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key} in {source}: cannot parse {value!r}") from None
+
+
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key} in {source} must be a section (mapping), got {value!r}")
         return _build(tp, value, prefix=key + ".", source=source)
@@ -107,12 +122,20 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
+            if value.startswith("["):
+                value = _parse_text(value, key, source)
+            else:
+                value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"{key} in {source} must be a list, got {value!r}")
         return [_convert(item_tp, v, key, source) for v in value]
-    if isinstance(value, str) and tp is not str:
-        value = yaml.safe_load(value)
+    if isinstance(value, str) and tp is float:
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, str) and tp is not str:
+        value = _parse_text(value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):

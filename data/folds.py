@@ -4,9 +4,9 @@ Usage:
   python -m data.folds csv=data/sample/train.csv out=data/sample/folds.csv
   python -m data.folds csv=../shared/data/mtbench_human.csv out=runs/mtbench_folds.csv group_col=question_id
 
-Folds are StratifiedGroupKFold on the label: rows with the same normalised prompt (case, spacing
-and turn joins ignored, see data.io.prompt_key) or, with group_col set, the same value of that
-column always share a fold, so no held-out prompt is seen in training. The output holds only
+Folds are StratifiedGroupKFold on the label: rows with the same normalised prompt (case and
+spacing ignored, see data.io.prompt_key) or, with group_col set, the same value of that column
+always share a fold, so no held-out prompt reappears verbatim in training. The output holds only
 `id,fold`; everything else (training, OOF scoring, blending) joins on id. An existing folds file
 is never overwritten unless overwrite=true: changing folds silently invalidates every OOF score
 computed with the old ones.
@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from data.config import cli_config, opt, run_cli
-from data.io import DataError, pair_key, prompt_key, read_competition_csv
+from data.io import DataError, pair_key, prompt_key, read_checked_csv, read_competition_csv
 
 FOLD_COLS = ("id", "fold")
 EXTRA_FOLD = -1
@@ -75,14 +75,8 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     """Read and check an `id,fold` file: both columns present, ids unique, folds integers."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: folds file not found (make it with `python -m data.folds`)")
-    folds = pd.read_csv(path)
-    missing = [c for c in FOLD_COLS if c not in folds.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(folds.columns)}")
-    dup = folds["id"][folds["id"].duplicated(keep=False)]
-    if len(dup):
-        raise DataError(f"{path}: duplicate ids {sorted(set(dup.tolist()))[:20]}")
+        raise DataError(f"{path}: folds file not found (make it once with `python -m data.folds csv=... out={path}`)")
+    folds = read_checked_csv(path, FOLD_COLS)
     if not pd.api.types.is_integer_dtype(folds["fold"]):
         as_num = pd.to_numeric(folds["fold"], errors="coerce")
         bad = folds["id"][as_num.isna() | (as_num != as_num.round())]

@@ -83,25 +83,20 @@ def read_competition_csv(
     labels: bool | None = None,
     soft_labels: bool = False,
     drop_bad_rows: bool = False,
+    drop_hint: str = "--drop-bad-rows",
 ) -> tuple[pd.DataFrame, ParseReport]:
     """Read a train/test CSV into a frame with list-valued text columns.
 
     labels: require the winner columns (True), ignore them (False), or use them when present (None).
     soft_labels: accept fractional winner columns that sum to 1 (pseudo-labels) instead of one-hot.
+    drop_hint: how the caller's CLI spells "drop bad rows", quoted in the error message.
     Returns the frame (extra columns kept, `label` = int class, `target` = 3 floats) and the report.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype={c: "str" for c in TEXT_COLS}, keep_default_na=False, na_values=[])
+    df = read_checked_csv(path, ["id", *TEXT_COLS], dtype={c: "str" for c in TEXT_COLS}, keep_default_na=False, na_values=[])
     has_labels = all(c in df.columns for c in LABEL_COLS) if labels is None else labels
-    required = TRAIN_COLS if has_labels else TEST_COLS
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    dup = df["id"][df["id"].duplicated(keep=False)]
-    if len(dup):
-        raise DataError(f"{path}: duplicate ids {sorted(set(dup.tolist()))[:20]} ({dup.nunique()} ids repeated)")
+    if has_labels:
+        check_columns(df, TRAIN_COLS, path)
 
     report = ParseReport(path=str(path), rows=len(df))
     errors: list[str] = []
@@ -138,7 +133,7 @@ def read_competition_csv(
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise DataError(
-            f"{path}: {len(bad)} bad row(s); fix them or pass --drop-bad-rows to drop them:\n  {shown}{more}"
+            f"{path}: {len(bad)} bad row(s); fix them or pass {drop_hint} to drop them:\n  {shown}{more}"
         )
     if bad:
         df = df.drop(index=df.index[sorted(bad)])
@@ -160,21 +155,37 @@ def _read_labels(df: pd.DataFrame, soft: bool) -> tuple[np.ndarray, list[tuple[i
     return np.nan_to_num(raw), errors
 
 
-def read_sample_submission(path: str | Path) -> pd.DataFrame:
+def check_columns(df: pd.DataFrame, required, path: Path) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def read_checked_csv(path: str | Path, required, **read_kwargs) -> pd.DataFrame:
+    """A CSV that exists, has the `required` columns and unique ids; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path)
-    missing = [c for c in ("id", *LABEL_COLS) if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}")
-    if df["id"].duplicated().any():
-        raise DataError(f"{path}: duplicate ids {sorted(set(df['id'][df['id'].duplicated()]))[:20]}")
+    df = pd.read_csv(path, **read_kwargs)
+    check_columns(df, required, path)
+    dup = df["id"][df["id"].duplicated(keep=False)]
+    if len(dup):
+        raise DataError(f"{path}: duplicate ids {sorted(set(dup.tolist()))[:20]} ({dup.nunique()} ids repeated)")
     return df
 
 
+def read_sample_submission(path: str | Path) -> pd.DataFrame:
+    return read_checked_csv(path, ("id", *LABEL_COLS))
+
+
+def targets_by_id(df: pd.DataFrame, ids) -> np.ndarray:
+    """The (n, 3) target rows of `df` for `ids`, looked up by id (never by position)."""
+    return np.stack(df.set_index("id").loc[list(ids), "target"].to_numpy())
+
+
 def prompt_key(turns: list[str]) -> str:
-    """Hash of a prompt normalised for grouping: case, whitespace and turn joins do not matter."""
+    """Hash of a prompt normalised for grouping: case and whitespace inside a turn do not matter
+    (turn boundaries do). Only prompts equal after this normalisation share a group."""
     text = "\n".join(" ".join(t.lower().split()) for t in turns)
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 

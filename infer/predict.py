@@ -24,10 +24,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from data.config import cli_config, run_cli, from_dict, opt
+from data.config import ConfigError, UserError, cli_config, from_dict, opt, run_cli
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
-from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission
-from infer.model import ModelConfig, load_for_inference, pick_device
+from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
+from infer.model import AdapterError, ModelConfig, check_base, load_for_inference, pick_device
 
 
 @dataclasses.dataclass
@@ -52,11 +52,16 @@ class PredictConfig:
     tta: bool | None = opt(None, "swap TTA on/off; unset: as the run's config says")
     workers: int | None = opt(None, "worker count; unset: as the run's config says")
     token_budget: int | None = opt(None, "batch token budget; unset: as the run's config says")
+    max_rows: int | None = opt(None, "max rows per batch; unset: as the run's config says")
     device: str = opt("", "auto | cpu | cuda; empty: as the run's config says")
     base_path: str = opt("", "base model folder to use instead of the one recorded in the run (e.g. on Kaggle)")
     quantization: str = opt("", "4bit | 8bit | none for inference; empty: as trained")
     compute_dtype: str = opt("", "float32 | bfloat16 | float16 for inference; empty: as trained")
     drop_bad_rows: bool = opt(False, "drop rows that fail validation (counted) instead of stopping")
+
+
+class ScoringError(UserError, RuntimeError):
+    """A model produced unusable scores (e.g. NaN from fp16 overflow)."""
 
 
 @dataclasses.dataclass
@@ -77,7 +82,7 @@ def load_run(path: Path, overrides: PredictConfig | None = None) -> Run:
     raw = yaml.safe_load((path / "config.yaml").read_text())
     manifest = json.loads((path / "manifest.json").read_text())
     if manifest["formatter"]["version"] != FORMATTER_VERSION:
-        raise ValueError(
+        raise AdapterError(
             f"{path}: trained with formatter version {manifest['formatter']['version']}, this code has "
             f"{FORMATTER_VERSION}; token ids would differ from training"
         )
@@ -92,11 +97,16 @@ def load_run(path: Path, overrides: PredictConfig | None = None) -> Run:
         model_changes = {k: getattr(overrides, k) for k in ("quantization", "compute_dtype") if getattr(overrides, k)}
         if overrides.base_path:
             model_changes["path"] = overrides.base_path
-        run.model = dataclasses.replace(run.model, **model_changes)
-        infer_changes = {k: getattr(overrides, k) for k in ("tta", "workers", "token_budget") if getattr(overrides, k) is not None}
+        infer_keys = ("tta", "workers", "token_budget", "max_rows")
+        infer_changes = {k: getattr(overrides, k) for k in infer_keys if getattr(overrides, k) is not None}
         if overrides.device:
             infer_changes["device"] = overrides.device
-        run.infer = dataclasses.replace(run.infer, **infer_changes)
+        try:
+            run.model = dataclasses.replace(run.model, **model_changes)
+            run.infer = dataclasses.replace(run.infer, **infer_changes)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    check_base(run.model)
     return run
 
 
@@ -135,12 +145,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _score_share(run_path: str, model_cfg: dict, device: str, batches: list[list[list[int]]], pad_id: int, rank: int):
+def _score_share(run_path: str, model_cfg: dict, device: str, batches: list[list[list[int]]], pad_id: int, rank: int, threads: int):
     """Worker body: load the run once, score its batches, return float32 logits per batch."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev)
+    else:
+        torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
+    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev, pad_id)
     out = []
     with torch.inference_mode():
         for seqs in tqdm(batches, desc=f"worker {rank} batches", position=rank, leave=False):
@@ -164,10 +176,14 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     batches = make_batches(lengths, run.infer.token_budget, run.infer.max_rows)
     device = pick_device(run.infer.device)
     n_workers = run.infer.workers or (torch.cuda.device_count() if device.type == "cuda" else 1)
+    if device.type == "cuda" and n_workers > torch.cuda.device_count():
+        raise ConfigError(f"workers={n_workers} but only {torch.cuda.device_count()} GPU(s) are visible")
     shares = [s for s in split_batches(batches, lengths, n_workers) if s]
     devices = [f"cuda:{w}" if device.type == "cuda" else "cpu" for w in range(len(shares))]
+    threads = max(1, torch.get_num_threads() // len(shares))
     jobs = [
-        (str(run.path), dataclasses.asdict(run.model), devices[w], [[seqs[i] for i in b] for b in share], formatter.pad_id, w)
+        (str(run.path), dataclasses.asdict(run.model), devices[w], [[seqs[i] for i in b] for b in share],
+         formatter.pad_id, w, threads)
         for w, share in enumerate(shares)
     ]
     if len(jobs) == 1:
@@ -180,6 +196,12 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     for share, share_logits in zip(shares, results):
         for batch, batch_logits in zip(share, share_logits):
             logits[batch] = batch_logits
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise ScoringError(
+            f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad]))[:10]}; "
+            f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try bfloat16 or float32"
+        )
     probs = softmax(logits.astype(np.float64))
     swapped = np.asarray(swaps)
     probs[swapped] = probs[swapped][:, SWAP_PERM]
@@ -207,9 +229,10 @@ def merge_by_id(frames: list[pd.DataFrame], ids: pd.Series) -> pd.DataFrame:
 def predict_frame(runs: list[Run], df: pd.DataFrame) -> pd.DataFrame:
     """id + 3 probabilities for every row of `df` (rows as returned by read_competition_csv)."""
     if not runs:
-        raise ValueError("no run folders given (runs=DIR[,DIR...])")
-    frames = [score_run(run, df) for run in runs]
-    return merge_by_id(frames, df["id"])
+        raise ConfigError("no run folders given (runs=DIR[,DIR...])")
+    # TTA passes are averaged within each run first, so a run scored with TTA weighs as much as one without.
+    per_run = [merge_by_id([score_run(run, df)], df["id"]) for run in runs]
+    return merge_by_id(per_run, df["id"])
 
 
 def log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -224,7 +247,7 @@ def select_fold(df: pd.DataFrame, folds_path: str, fold: int) -> pd.DataFrame:
 
     df = attach_folds(df, read_folds(folds_path), folds_path)
     if fold not in set(df["fold"]):
-        raise ValueError(f"fold {fold} not in {folds_path} (folds: {sorted(set(df['fold']))})")
+        raise DataError(f"fold {fold} not in {folds_path} (folds: {sorted(set(df['fold']))})")
     return df[df["fold"] == fold].reset_index(drop=True)
 
 
@@ -235,14 +258,16 @@ def write_predictions(pred: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = cli_config(PredictConfig, __doc__, argv)
-    if not cfg.csv:
-        raise SystemExit("csv= is required (see python -m infer predict --help)")
+    if not cfg.csv or not cfg.runs:
+        raise ConfigError("csv= and runs= are required (see python -m infer predict --help)")
+    if (cfg.folds != "") != (cfg.fold >= 0):
+        raise ConfigError("folds= and fold= go together")
+    if cfg.drop_bad_rows and cfg.sample_submission:
+        raise ConfigError("drop_bad_rows cannot be combined with sample_submission: every id needs a prediction")
     runs = [load_run(Path(r), cfg) for r in cfg.runs]
     df, report = read_competition_csv(cfg.csv, drop_bad_rows=cfg.drop_bad_rows)
     print(report.summary())
-    if cfg.folds or cfg.fold >= 0:
-        if not (cfg.folds and cfg.fold >= 0):
-            raise SystemExit("folds= and fold= go together")
+    if cfg.folds:
         df = select_fold(df, cfg.folds, cfg.fold)
     pred = predict_frame(runs, df)
     if cfg.sample_submission:
@@ -251,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     write_predictions(pred, Path(cfg.out))
     print(f"wrote {len(pred)} rows to {cfg.out}")
     if "target" in df:
-        truth = np.stack(df.set_index("id").loc[pred["id"], "target"].to_numpy())
+        truth = targets_by_id(df, pred["id"])
         print(f"log loss: {log_loss(truth, pred[list(LABEL_COLS)].to_numpy()):.5f} on {len(pred)} rows")
 
 

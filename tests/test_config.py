@@ -31,6 +31,29 @@ def test_overrides_beat_yaml_and_parse_types(tmp_path):
     assert cfg.model.lora_alpha == 32  # dataclass default kept
 
 
+def test_yaml_style_values_in_overrides():
+    cfg = load_config(TrainConfig, ["train.lr=5e-4", "model.lora_layers=[1, 2]", "model.lora_targets=[q_proj,v_proj]",
+                                    "data.extra_csv=[a.csv,b.csv]"])
+    assert cfg.train.lr == 5e-4 and cfg.model.lora_layers == [1, 2]
+    assert cfg.model.lora_targets == ["q_proj", "v_proj"] and cfg.data.extra_csv == ["a.csv", "b.csv"]
+    with pytest.raises(ConfigError, match="seed in command-line overrides: cannot parse"):
+        load_config(TrainConfig, ["seed=@x"])
+
+
+def test_empty_yaml_section_means_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n#  lora_r: 8\ntrain:\n  epochs: 2\n")
+    cfg = build_config(TrainConfig, path, ["model.lora_alpha=8"])
+    assert cfg.model.lora_r == 16 and cfg.model.lora_alpha == 8 and cfg.train.epochs == 2.0
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        build_config(TrainConfig, path)
+
+
 def test_flag_spelling_maps_to_key():
     cfg = load_config(TrainConfig, ["--data.drop-bad-rows", "--seed=3"])
     assert cfg.data.drop_bad_rows is True and cfg.seed == 3

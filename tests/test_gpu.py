@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 def cuda_run(tmp_path_factory, tiny_llama, sample_folds):
     out = tmp_path_factory.mktemp("gpu-runs")
     train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0", "model.compute_dtype=bfloat16",
-                          "infer.device=cuda"))
+                          "train.device=cuda", "infer.device=cuda"))
     return out / "tiny-llama" / "fold0-seed42"
 
 

@@ -157,18 +157,18 @@ def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path
     with torch.inference_mode():
         before = model(ids, mask)
     save_run(tmp_path, cfg, model, tiny_tokenizer, formatter, 0, {})
-    reloaded = load_for_inference(tmp_path, cfg.model, pick_device("cpu"))
+    reloaded = load_for_inference(tmp_path, cfg.model, pick_device("cpu"), formatter.pad_id)
     with torch.inference_mode():
         after = reloaded(ids, mask)
     assert torch.equal(before, after)
 
 
 def test_padding_does_not_change_a_rows_logits(llama_run, sample_rows):
-    run = load_run(llama_run)
-    model = load_for_inference(llama_run, run.model, pick_device("cpu"))
     from transformers import AutoTokenizer
 
+    run = load_run(llama_run)
     formatter = Formatter(AutoTokenizer.from_pretrained(llama_run / "tokenizer"), run.format)
+    model = load_for_inference(llama_run, run.model, pick_device("cpu"), formatter.pad_id)
     seqs = formatter.encode_batch(sample_rows["prompt"][:5], sample_rows["response_a"][:5], sample_rows["response_b"][:5])
     with torch.inference_mode():
         batched = model(*pad_batch(seqs, formatter.pad_id))
@@ -219,9 +219,34 @@ def test_extra_rows_only_in_training(tmp_path, tiny_llama, sample_folds):
     assert not set(pd.read_csv(run / "oof.csv")["id"]) & set(extra["id"])
 
 
-def test_existing_run_is_not_overwritten(llama_run, tiny_llama, sample_folds):
-    with pytest.raises(FileExistsError, match="overwrite=true"):
-        train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, llama_run.parents[1], "fold=0"))
+def test_finished_run_is_reused_not_retrained(llama_run, tiny_llama, sample_folds, capsys):
+    adapter = llama_run / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, llama_run.parents[1], "fold=0"))
+    assert "is finished, reusing it" in capsys.readouterr().out
+    assert adapter.stat().st_mtime_ns == before
+    assert not (llama_run.parent / "cv-seed42.json").exists()  # only fold=all writes the CV summary
+
+
+def test_runs_weigh_equally_with_or_without_tta(llama_run, tmp_path, sample_rows):
+    rows = sample_rows.iloc[:10]
+    with_tta, without = load_run(llama_run), load_run(llama_run)
+    without.infer.tta = False
+    p_tta = predict_frame([with_tta], rows)[list(LABEL_COLS)].to_numpy()
+    p_plain = predict_frame([without], rows)[list(LABEL_COLS)].to_numpy()
+    both = predict_frame([with_tta, without], rows)[list(LABEL_COLS)].to_numpy()
+    np.testing.assert_allclose(both, (p_tta + p_plain) / 2, atol=1e-9)
+
+
+def test_non_finite_logits_are_refused(llama_run, sample_rows, monkeypatch):
+    import infer.predict as predict
+
+    def nan_scores(run_path, model_cfg, device, batches, *rest):
+        return [np.full((len(b), 3), np.nan, dtype=np.float32) for b in batches]
+
+    monkeypatch.setattr(predict, "_score_share", nan_scores)
+    with pytest.raises(predict.ScoringError, match="non-finite logits"):
+        predict_frame([load_run(llama_run)], sample_rows.iloc[:3])
 
 
 def test_bad_rows_stop_training_naming_the_row(tmp_path, tiny_llama, sample_folds):

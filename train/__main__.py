@@ -17,11 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from data.config import cli_config, run_cli, split_argv
-from data.io import LABEL_COLS
+from data.io import LABEL_COLS, targets_by_id
 from infer.predict import log_loss, write_predictions
 from train.config import TrainConfig
 from train.fold import load_rows, run_dir_for, train_fold
@@ -32,15 +31,16 @@ def cv_table(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
     for m in results:
         lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
     oof = pd.concat([pd.read_csv(run_dir_for(cfg, m["fold"]) / "oof.csv") for m in results], ignore_index=True)
-    truth = np.stack(df.set_index("id").loc[oof["id"], "target"].to_numpy())
+    truth = targets_by_id(df, oof["id"])
     overall = log_loss(truth, oof[list(LABEL_COLS)].to_numpy())
     # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
     prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / len(oof)
     lines.append(f"{'all':>5} {len(oof):>6} {overall:>9.4f} {prior:>9.4f}")
-    summary = {"folds": results, "oof_log_loss": overall, "prior_log_loss": prior, "rows": len(oof)}
-    out = Path(cfg.output_dir) / cfg.name
-    (out / f"cv-seed{cfg.seed}.json").write_text(json.dumps(summary, indent=2))
-    write_predictions(oof, out / f"oof-seed{cfg.seed}.csv")
+    if cfg.fold == "all":  # a single-fold run must not replace the summary of a complete CV
+        summary = {"folds": results, "oof_log_loss": overall, "prior_log_loss": prior, "rows": len(oof)}
+        out = Path(cfg.output_dir) / cfg.name
+        (out / f"cv-seed{cfg.seed}.json").write_text(json.dumps(summary, indent=2))
+        write_predictions(oof, out / f"oof-seed{cfg.seed}.csv")
     return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ class TrainSettings:
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     logging_steps: int = opt(10, "log the training loss every N steps")
     report_to: str = opt("wandb", "wandb (offline unless WANDB_MODE says otherwise) | none | tensorboard")
+    device: str = opt("auto", "auto (cuda:0 when there is a GPU) | cpu | cuda; several GPUs: launch with torchrun")
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ head checksum, package versions, metrics), oof.csv and metrics.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -21,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
-from data.config import save_yaml
-from data.folds import add_extra_training_rows, attach_folds, read_folds
+from data.config import ConfigError, save_yaml
+from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
-from data.io import LABEL_COLS, SWAP_PERM, read_competition_csv
-from infer.model import adapter_head, build_for_training, head_checksum, load_tokenizer, pick_device
+from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, targets_by_id
+from infer.model import HEAD, adapter_head, build_for_training, check_base, head_checksum, load_tokenizer, pick_device
 from infer.predict import load_run, log_loss, pad_batch, predict_frame, write_predictions
 from train.config import TrainConfig
 
@@ -36,24 +37,30 @@ def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
 
 def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Competition rows with their fold, and extra rows (training folds only, fold -1)."""
-    soft = cfg.train.soft_labels
-    df, report = read_competition_csv(cfg.data.train_csv, labels=True, soft_labels=soft, drop_bad_rows=cfg.data.drop_bad_rows)
+    check_base(cfg.model)  # a wrong model path should fail before minutes of data work
+    read = functools.partial(
+        read_competition_csv, labels=True, soft_labels=cfg.train.soft_labels,
+        drop_bad_rows=cfg.data.drop_bad_rows, drop_hint="data.drop_bad_rows=true",
+    )
+    df, report = read(cfg.data.train_csv)
     print(report.summary())
-    if not cfg.data.folds_csv or not Path(cfg.data.folds_csv).is_file():
-        raise FileNotFoundError(
-            f"data.folds_csv={cfg.data.folds_csv!r} not found: write it once with "
-            f"`python -m data.folds csv={cfg.data.train_csv} out=<folds.csv>`"
-        )
+    if not cfg.data.folds_csv:
+        raise ConfigError(f"data.folds_csv is empty: write folds once with `python -m data.folds csv={cfg.data.train_csv} out=...`")
     df = attach_folds(df, read_folds(cfg.data.folds_csv), cfg.data.folds_csv)
-    extras = []
+    if not cfg.data.extra_csv:
+        return df, df.iloc[:0]
+    frames = []
     for path in cfg.data.extra_csv:
-        extra, extra_report = read_competition_csv(path, labels=True, soft_labels=soft, drop_bad_rows=cfg.data.drop_bad_rows)
+        extra, extra_report = read(path)
         print(extra_report.summary())
-        kept, stats = add_extra_training_rows(pd.concat([df, *extras], ignore_index=True), extra)
-        print(f"{path}: {stats}")
-        extras.append(kept)
-    extra_df = pd.concat(extras, ignore_index=True) if extras else df.iloc[:0]
-    return df, extra_df
+        frames.append(extra)
+    extra = pd.concat(frames, ignore_index=True)
+    repeated = extra["id"][extra["id"].duplicated()]
+    if len(repeated):
+        raise DataError(f"data.extra_csv: ids {sorted(set(repeated))[:20]} occur in more than one extra file")
+    kept, stats = add_extra_training_rows(df, extra)
+    print(f"extra training rows: {stats}")
+    return df, kept
 
 
 def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
@@ -92,8 +99,8 @@ class PairTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            head = [p for n, p in params if ".score." in n]
-            groups = [{"params": [p for n, p in params if ".score." not in n]}]
+            head = [p for n, p in params if f".{HEAD}." in n]
+            groups = [{"params": [p for n, p in params if f".{HEAD}." not in n]}]
             groups.append({"params": head, "lr": self.head_lr or self.args.learning_rate})
             optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
             optim_kwargs["weight_decay"] = self.args.weight_decay
@@ -106,7 +113,7 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     on_gpu = device.type == "cuda"
     if "wandb" in t.report_to:
         os.environ.setdefault("WANDB_MODE", "offline")  # no network on the training boxes by default
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(run_dir / "trainer"),
         run_name=run_dir.parent.name + "-" + run_dir.name,
         num_train_epochs=t.epochs,
@@ -131,6 +138,15 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
         label_names=["target"],
         dataloader_num_workers=0,
     )
+    try:
+        args = TrainingArguments(**kwargs)
+    except ValueError as err:  # unknown optim / scheduler names and the like
+        raise ConfigError(f"train settings: {err}") from None
+    _ = args.device  # sets up devices now, so the next line is not undone later
+    # One process drives one GPU: several GPUs means DDP (torchrun / accelerate launch), never the
+    # nn.DataParallel that Trainer would pick on its own and that changes the effective batch size.
+    args._n_gpu = min(args._n_gpu, 1)
+    return args
 
 
 def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict) -> None:
@@ -156,7 +172,10 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer."""
     run_dir = run_dir_for(cfg, fold)
     if (run_dir / "metrics.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a finished run; pass overwrite=true to replace it")
+        print(f"fold {fold}: {run_dir} is finished, reusing it (overwrite=true retrains)")
+        return json.loads((run_dir / "metrics.json").read_text())
+    device = pick_device(cfg.train.device)
+    args = training_args(cfg, run_dir, device)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     set_seed(cfg.seed)
@@ -164,15 +183,11 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     if cfg.data.max_train_rows:
         train_df = train_df.sample(frac=1.0, random_state=cfg.seed).head(cfg.data.max_train_rows)
     valid_df = df[df["fold"] == fold].reset_index(drop=True)
-    if valid_df.empty:
-        raise ValueError(f"fold {fold} has no rows in {cfg.data.folds_csv}")
 
     tokenizer = load_tokenizer(cfg.model)
     formatter = Formatter(tokenizer, cfg.format)
     examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
-    device = pick_device(cfg.infer.device)
     model = build_for_training(cfg.model, formatter.pad_id, device)
-    args = training_args(cfg, run_dir, device)
     trainer = PairTrainer(
         model=model,
         args=args,
@@ -190,7 +205,8 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
 
         wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
 
-    counts = {"train": len(train_df), "extra": len(extra), "valid": len(valid_df), "sequences": len(examples)}
+    n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
+    counts = {"train": len(train_df), "extra": n_extra, "valid": len(valid_df), "sequences": len(examples)}
     save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts)
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)
     del trainer, model
@@ -200,7 +216,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
 
     oof = predict_frame([load_run(run_dir)], valid_df)
     write_predictions(oof, run_dir / "oof.csv")
-    truth = np.stack(valid_df.set_index("id").loc[oof["id"], "target"].to_numpy())
+    truth = targets_by_id(valid_df, oof["id"])
     comp_train = df[df["fold"] != fold]
     prior = np.stack(comp_train["target"].to_numpy()).mean(axis=0)
     metrics = {
