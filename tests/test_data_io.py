@@ -19,9 +19,7 @@ from data.io import (
 )
 from data.synth import BAD, GOOD, SynthConfig, write_sample
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import REPO, SAMPLE, SHARED_DATA
 
 
 def cell(*turns) -> str:

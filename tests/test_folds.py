@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,8 +21,7 @@ from data.folds import (
 )
 from data.io import DataError, prompt_key, read_competition_csv
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
+from conftest import REPO, SAMPLE
 
 
 def frame(prompts: list[list[str]], labels: list[int], start_id: int = 1, **extra) -> pd.DataFrame:

@@ -43,3 +43,14 @@ def test_two_gpus_identical_to_one(cuda_run):
     run = load_run(cuda_run)
     run.infer.workers = 2
     pd.testing.assert_frame_equal(one, predict_frame([run], df), check_exact=True)
+
+
+def test_training_uses_one_gpu_per_process(tmp_path):
+    """Several visible GPUs must not turn on nn.DataParallel (it changes the effective batch size)."""
+    from conftest import REPO
+    from data.config import build_config
+    from train.config import TrainConfig
+    from train.fold import training_args
+
+    cfg = build_config(TrainConfig, REPO / "configs" / "tiny-llama.yaml", ["train.device=cuda"])
+    assert training_args(cfg, tmp_path, torch.device("cuda:0")).n_gpu == 1
