@@ -2,11 +2,19 @@
 
 Usage:
     python -m infer predict runs=RUN[,RUN...] csv=test.csv sample_submission=... out=submission.csv
-    python -m infer predict --help
+    python -m infer ensemble ...   combine OOF/test prediction files; weights, temperature, stacking
+    python -m infer plan ...       estimate the wall time of a prediction job before running it
+    python -m infer report ...     Markdown + PNG report for OOF files
+    python -m infer <command> --help
 """
 import sys
 
-COMMANDS = {"predict": "infer.predict"}
+COMMANDS = {
+    "predict": "infer.predict",
+    "ensemble": "infer.ensemble",
+    "plan": "infer.plan",
+    "report": "infer.report",
+}
 
 
 def main() -> None:

@@ -226,12 +226,20 @@ def merge_by_id(frames: list[pd.DataFrame], ids: pd.Series) -> pd.DataFrame:
     return merged.reset_index()
 
 
-def predict_frame(runs: list[Run], df: pd.DataFrame) -> pd.DataFrame:
-    """id + 3 probabilities for every row of `df` (rows as returned by read_competition_csv)."""
+def predict_frame(runs: list[Run], df: pd.DataFrame, passes: list[pd.DataFrame] | None = None) -> pd.DataFrame:
+    """id + 3 probabilities for every row of `df` (rows as returned by read_competition_csv).
+
+    If `passes` is a list, each run's per-(id, swap) scores are appended to it (position-bias reports).
+    """
     if not runs:
         raise ConfigError("no run folders given (runs=DIR[,DIR...])")
-    # TTA passes are averaged within each run first, so a run scored with TTA weighs as much as one without.
-    per_run = [merge_by_id([score_run(run, df)], df["id"]) for run in runs]
+    per_run = []
+    for run in runs:
+        scored = score_run(run, df)
+        if passes is not None:
+            passes.append(scored)
+        # TTA passes are averaged within each run first, so a run scored with TTA weighs as much as one without.
+        per_run.append(merge_by_id([scored], df["id"]))
     return merge_by_id(per_run, df["id"])
 
 

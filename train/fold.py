@@ -214,8 +214,10 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    oof = predict_frame([load_run(run_dir)], valid_df)
+    passes: list[pd.DataFrame] = []
+    oof = predict_frame([load_run(run_dir)], valid_df, passes)
     write_predictions(oof, run_dir / "oof.csv")
+    write_predictions(passes[0], run_dir / "oof_passes.csv")  # per TTA pass: position-bias analysis
     truth = targets_by_id(valid_df, oof["id"])
     comp_train = df[df["fold"] != fold]
     prior = np.stack(comp_train["target"].to_numpy()).mean(axis=0)
