@@ -17,6 +17,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 SHARED_DATA = REPO.parent / "shared" / "data"
+# For `python -m ...` subprocesses: the repo first, whatever PYTHONPATH already holds after it.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
+
+
+def train_args(config: str, model_dir: Path, folds: Path, out: Path, *extra: str) -> list[str]:
+    """argv for `python -m train` on the committed sample with a tiny model."""
+    return [str(REPO / "configs" / config), f"model.path={model_dir}", f"data.folds_csv={folds}",
+            f"data.train_csv={SAMPLE / 'train.csv'}", f"output_dir={out}", *extra]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1000, with_pad: bool = False):
@@ -96,6 +110,16 @@ def sample_folds(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("folds") / "folds.csv"
     make_folds(df, n_folds=5, seed=42).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory, tiny_llama, sample_folds) -> Path:
+    """A finished tiny 4-bit Llama run of fold 0 (trained once per test session); treat as read-only."""
+    from train.__main__ import main as train_main
+
+    out = tmp_path_factory.mktemp("runs")
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0"))
+    return out / "tiny-llama" / "fold0-seed42"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,7 +19,7 @@ from data.io import (
 )
 from data.synth import BAD, GOOD, SynthConfig, write_sample
 
-from conftest import REPO, SAMPLE, SHARED_DATA
+from conftest import SAMPLE, SHARED_DATA
 
 
 def cell(*turns) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from data.io import read_competition_csv
 from infer.predict import load_run, predict_frame
-from test_train_infer import SAMPLE, train_args
+from conftest import SAMPLE, train_args
 from train.__main__ import main as train_main
 
 pytestmark = pytest.mark.gpu

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE
+from conftest import ENV, REPO, SAMPLE, train_args
 from data.config import build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS, DataError, read_competition_csv
@@ -22,22 +21,6 @@ from infer.predict import load_run, pad_batch, predict_frame, score_run
 from train.__main__ import main as train_main
 from train.config import TrainConfig
 from train.fold import encode_examples, save_run
-
-PYTHONPATH = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
-
-
-def train_args(config: str, model_dir: Path, folds: Path, out: Path, *extra: str) -> list[str]:
-    return [str(REPO / "configs" / config), f"model.path={model_dir}", f"data.folds_csv={folds}",
-            f"data.train_csv={SAMPLE / 'train.csv'}", f"output_dir={out}", *extra]
-
-
-@pytest.fixture(scope="module")
-def llama_run(tmp_path_factory, tiny_llama, sample_folds) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0"))
-    return out / "tiny-llama" / "fold0-seed42"
-
 
 @pytest.fixture(scope="module")
 def sample_rows():
