@@ -5,6 +5,7 @@ Usage:
     python -m infer ensemble ...   combine OOF/test prediction files; weights, temperature, stacking
     python -m infer plan ...       estimate the wall time of a prediction job before running it
     python -m infer report ...     Markdown + PNG report for OOF files
+    python -m infer kaggle ...     Kaggle entry: exported dataset -> submission.csv (see python -m train.export)
     python -m infer <command> --help
 """
 import sys
@@ -14,6 +15,7 @@ COMMANDS = {
     "ensemble": "infer.ensemble",
     "plan": "infer.plan",
     "report": "infer.report",
+    "kaggle": "infer.kaggle",
 }
 
 

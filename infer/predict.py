@@ -54,6 +54,7 @@ class PredictConfig:
     token_budget: int | None = opt(None, "batch token budget; unset: as the run's config says")
     max_rows: int | None = opt(None, "max rows per batch; unset: as the run's config says")
     device: str = opt("", "auto | cpu | cuda; empty: as the run's config says")
+    infer_max_length: int | None = opt(None, "max tokens per row at inference; unset: as the run's format config says")
     base_path: str = opt("", "base model folder to use instead of the one recorded in the run (e.g. on Kaggle)")
     quantization: str = opt("", "4bit | 8bit | none for inference; empty: as trained")
     compute_dtype: str = opt("", "float32 | bfloat16 | float16 for inference; empty: as trained")
@@ -73,10 +74,13 @@ class Run:
     manifest: dict
 
 
-def load_run(path: Path, overrides: PredictConfig | None = None) -> Run:
-    """Read a run folder's resolved config and manifest, applying inference-time overrides."""
+def load_run(path: Path, overrides: PredictConfig | None = None, need_base: bool = True) -> Run:
+    """Read a run folder's resolved config and manifest, applying inference-time overrides.
+
+    need_base=False is for tools that only use the saved settings and tokenizer (infer plan).
+    """
     path = Path(path)
-    for need in ("config.yaml", "manifest.json", "adapter", "tokenizer"):
+    for need in ("config.yaml", "manifest.json", "tokenizer", *(("adapter",) if need_base else ())):
         if not (path / need).exists():
             raise FileNotFoundError(f"{path}: not a complete run folder ({need} missing)")
     raw = yaml.safe_load((path / "config.yaml").read_text())
@@ -102,11 +106,14 @@ def load_run(path: Path, overrides: PredictConfig | None = None) -> Run:
         if overrides.device:
             infer_changes["device"] = overrides.device
         try:
+            if overrides.infer_max_length is not None:
+                run.format = dataclasses.replace(run.format, infer_max_length=overrides.infer_max_length)
             run.model = dataclasses.replace(run.model, **model_changes)
             run.infer = dataclasses.replace(run.infer, **infer_changes)
         except ValueError as err:
             raise ConfigError(f"{path}: {err}") from None
-    check_base(run.model)
+    if need_base:
+        check_base(run.model)
     return run
 
 
@@ -192,6 +199,8 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
         ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; CPU workers match it
         with ctx.Pool(len(jobs)) as pool:
             results = pool.starmap(_score_share, jobs)
+            pool.close()  # let workers exit cleanly; the context manager alone would terminate them
+            pool.join()
     logits = np.zeros((len(seqs), 3), dtype=np.float32)
     for share, share_logits in zip(shares, results):
         for batch, batch_logits in zip(share, share_logits):

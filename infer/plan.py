@@ -1,0 +1,243 @@
+"""Estimate the wall time of an `infer predict` job before running it.
+
+Usage:
+    python -m infer plan runs=runs/gemma2-9b-qlora/fold0-seed42,runs/llama3-8b-qlora/fold0-seed42 \\
+        csv=input/test.csv [hardware=t4x2] [budget_hours=9] [tta=false] [throughput=1170]
+
+Each run (ensemble member) is read without its model: its saved tokenizer and formatter settings
+format every row of the CSV exactly as `infer predict` would (inference max length; both passes
+when swap TTA is on), and the rows are cut into batches as inference cuts them (the run's
+token_budget and max_rows), which gives the padded token count. Minutes = tokens / (tokens per
+second) / 60, members one after another as `infer predict` scores them. The rate comes from
+throughput= or from the throughput table (infer/throughput.yaml), keyed by hardware= and the
+model family: `model_type` in the base model's config.json, or family= when that file cannot be
+read. The table's rates count real (unpadded) tokens; count=padded divides the padded count
+instead, for a rate measured that way. Over budget_hours a WARN line is printed with the minutes
+each knob would save (tta=false, format.infer_max_length at the 90th percentile of row lengths,
+dropping the slowest member); the exit code stays 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from data.config import ConfigError, cli_config, opt
+from data.formatter import Formatter
+from data.io import read_competition_csv
+from infer.model import resolve_path
+from infer.predict import InferSettings, Run, load_run, make_batches
+
+DEFAULT_TABLE = Path(__file__).with_name("throughput.yaml")
+COUNTS = ("real", "padded")
+CHUNK = 1000  # rows formatted at a time: only lengths are kept, never a whole test set of token ids
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    runs: list[str] = opt([], "run folders, as for infer predict (members are scored one after another)")
+    csv: str = opt("", "competition-format CSV that will be scored (test.csv)")
+    hardware: str = opt("t4x2", "throughput-table key for the whole machine (t4x2: Kaggle's 2xT4, workers=2)")
+    throughput: float = opt(0.0, "tokens per second for every member; 0: look it up in the throughput table")
+    throughput_file: str = opt("", "YAML table {hardware: {family: tokens_per_s}}; empty: infer/throughput.yaml")
+    family: str = opt("", "model family for the table when a base model's config.json cannot be read (gemma2, llama)")
+    count: str = opt("real", "which tokens the rate counts: real (unpadded, as the table) or padded")
+    budget_hours: float = opt(9.0, "time budget (a Kaggle GPU notebook: 9 h); over it, WARN and the knobs to turn")
+    tta: bool | None = opt(None, "swap TTA on/off for every member; unset: as each run's config says")
+
+
+def read_run(path: Path, tta: bool | None = None) -> Run:
+    """A run folder's saved settings and tokenizer; the base model and adapter are not needed."""
+    run = load_run(Path(path), need_base=False)
+    if tta is not None:
+        run.infer = dataclasses.replace(run.infer, tta=tta)
+    return run
+
+
+def member_name(run: Run) -> str:
+    return f"{run.path.parent.name}/{run.path.name}"
+
+
+def model_family(run: Run) -> str | None:
+    """`model_type` from the base model's config.json, or None where that file cannot be read."""
+    try:
+        config = resolve_path(run.model.path) / "config.json"
+    except ConfigError:
+        return None
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
+class ThroughputTable:
+    """Callable run -> tokens/s from a {hardware: {family: tokens_per_s}} YAML; `used` says what was looked up."""
+
+    def __init__(self, path: Path, hardware: str, family: str = ""):
+        if not Path(path).is_file():
+            raise ConfigError(f"throughput table {path} not found; pass throughput=TOKENS_PER_S")
+        table = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ConfigError(f"{path}: expected {{hardware: {{family: tokens_per_s}}}}")
+        self.path, self.table, self.hardware, self.family = Path(path), table, hardware, family
+        self.used: dict[str, str] = {}
+
+    def __call__(self, run: Run) -> float:
+        found = model_family(run)
+        family = found or self.family
+        if not family:
+            raise ConfigError(f"{run.path}: cannot tell the model family (no readable config.json in model.path="
+                              f"{run.model.path}); pass family=NAME (e.g. gemma2, llama) or throughput=TOKENS_PER_S")
+        value = self.table.get(self.hardware, {}).get(family)
+        if value is None:
+            why = "not measured yet" if family in self.table.get(self.hardware, {}) else "no such key"
+            known = {hw: sorted(k for k, v in fams.items() if v is not None) for hw, fams in self.table.items()}
+            origin = "from the base model's config.json" if found else "from family="
+            raise ConfigError(f"{self.path}: no tokens/s for hardware={self.hardware}, family={family} ({origin}; {why}; "
+                              f"measured: {known}); add it there once measured, or pass throughput=TOKENS_PER_S")
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{self.path}: {self.hardware}.{family} must be a positive number, got {value!r}")
+        self.used[member_name(run)] = f"{family} ({'config.json' if found else 'family='}) on {self.hardware}: {value} tokens/s"
+        return float(value)
+
+
+def row_lengths(run: Run, df: pd.DataFrame, swaps: list[bool]) -> list[list[int]]:
+    """Per pass: the token count of every row as `infer predict` formats it for this run."""
+    from transformers import AutoTokenizer
+
+    formatter = Formatter(AutoTokenizer.from_pretrained(run.path / "tokenizer", local_files_only=True), run.format)
+    out = []
+    for swap in swaps:
+        lengths: list[int] = []
+        for start in range(0, len(df), CHUNK):
+            part = df.iloc[start : start + CHUNK]
+            seqs = formatter.encode_batch(part["prompt"], part["response_a"], part["response_b"], swap=swap, inference=True)
+            lengths += map(len, seqs)
+        out.append(lengths)
+    return out
+
+
+def _tokenizer_key(run: Run) -> str:
+    digest = hashlib.sha1()
+    for f in sorted(p for p in (run.path / "tokenizer").iterdir() if p.is_file()):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest() + json.dumps(dataclasses.asdict(run.format), sort_keys=True)
+
+
+def batch_widths(lengths: list[int], infer: InferSettings) -> list[int]:
+    """Per row: the width its batch is padded to (make_batches, as inference batches)."""
+    widths = [0] * len(lengths)
+    for batch in make_batches(lengths, infer.token_budget, infer.max_rows):
+        for i in batch:
+            widths[i] = lengths[batch[0]]
+    return widths
+
+
+def minutes(passes: list[list[int]], infer: InferSettings, rate: float, count: str) -> float:
+    """Minutes to score one member: its passes are batched together, as score_run does."""
+    lengths = [n for p in passes for n in p]
+    tokens = sum(batch_widths(lengths, infer)) if count == "padded" else sum(lengths)
+    return tokens / rate / 60
+
+
+def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], float], budget_hours: float,
+         count: str = "real") -> tuple[pd.DataFrame, list[str]]:
+    """One row per member and pass (rows, tokens, padded tokens, tokens/s, minutes) and budget warnings."""
+    if count not in COUNTS:
+        raise ConfigError(f"count must be one of {COUNTS}, got {count!r}")
+    rates = [float(throughput_for(run)) for run in runs]  # a missing rate stops before the slow part
+    cache: dict[str, dict[bool, list[int]]] = {}  # the folds of one config share tokenizer and format
+    rows, members = [], []
+    for run, rate in zip(runs, rates):
+        swaps = [False, True] if run.infer.tta else [False]
+        known = cache.setdefault(_tokenizer_key(run), {})
+        todo = [s for s in swaps if s not in known]
+        if todo:
+            known.update(zip(todo, row_lengths(run, df, todo)))
+        passes = [known[s] for s in swaps]
+        flat = [n for p in passes for n in p]
+        widths = batch_widths(flat, run.infer)
+        for j, swap in enumerate(swaps):
+            tokens, padded = sum(passes[j]), sum(widths[j * len(df) : (j + 1) * len(df)])
+            rows.append({"member": member_name(run), "pass": "swap" if swap else "plain", "rows": len(df),
+                         "tokens": tokens, "padded_tokens": padded, "tokens_per_s": rate,
+                         "minutes": (padded if count == "padded" else tokens) / rate / 60})
+        members.append({"run": run, "rate": rate, "passes": passes, "minutes": minutes(passes, run.infer, rate, count)})
+    table = pd.DataFrame(rows)
+    return table, budget_warnings(members, budget_hours, count)
+
+
+def budget_warnings(members: list[dict], budget_hours: float, count: str) -> list[str]:
+    """Empty within budget; else a WARN line and what each knob would save, computed from the lengths."""
+    total, budget = sum(m["minutes"] for m in members), budget_hours * 60
+    if total <= budget:
+        return []
+
+    def outcome(new_total: float) -> str:
+        verdict = "fits" if new_total <= budget else "still over"
+        return f"saves {total - new_total:.1f} min -> {new_total:.1f} min total ({verdict})"
+
+    out = [f"WARN: estimated {total:.1f} min ({total / 60:.2f} h) exceeds budget_hours={budget_hours:g} ({budget:.0f} min)"]
+    if any(len(m["passes"]) > 1 for m in members):
+        plain = sum(minutes(m["passes"][:1], m["run"].infer, m["rate"], count) for m in members)
+        out.append(f"  tta=false: {outcome(plain)}")
+    capped, changes = 0.0, {}
+    for m in members:
+        limit = m["run"].format.infer_max_length or m["run"].format.max_length
+        # A row longer than the new limit comes out of the formatter exactly that long, any truncation mode.
+        cap = max(8, math.ceil(np.percentile(m["passes"][0], 90)))
+        if cap < limit:
+            changes[f"{member_name(m['run'])} {limit} -> {cap}"] = None  # dict: a member listed twice is named once
+            capped += minutes([[min(n, cap) for n in p] for p in m["passes"]], m["run"].infer, m["rate"], count)
+        else:
+            capped += m["minutes"]
+    if changes:
+        out.append(f"  format.infer_max_length at the 90th percentile of row lengths ({', '.join(changes)}; "
+                   f"infer predict infer_max_length=N): {outcome(capped)}")
+    if len(members) > 1:
+        slowest = max(members, key=lambda m: m["minutes"])
+        out.append(f"  drop the slowest member {member_name(slowest['run'])} "
+                   f"({slowest['minutes']:.1f} min): {outcome(total - slowest['minutes'])}")
+    return out
+
+
+def format_table(table: pd.DataFrame) -> str:
+    width = max(len("member"), *(len(m) for m in table["member"]))
+    head = f"{'member':<{width}} {'pass':<5} {'rows':>7} {'tokens':>11} {'padded':>11} {'tokens/s':>9} {'minutes':>8}"
+    lines = [head]
+    for r in table.itertuples(index=False):
+        lines.append(f"{r.member:<{width}} {r[1]:<5} {r.rows:>7} {r.tokens:>11} {r.padded_tokens:>11} "
+                     f"{r.tokens_per_s:>9.0f} {r.minutes:>8.1f}")
+    lines.append(f"{'total':<{width}} {'':<5} {table['rows'].sum():>7} {table['tokens'].sum():>11} "
+                 f"{table['padded_tokens'].sum():>11} {'':>9} {table['minutes'].sum():>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(PlanConfig, __doc__, argv)
+    if not cfg.runs or not cfg.csv:
+        raise ConfigError("runs= and csv= are required (see python -m infer plan --help)")
+    if cfg.throughput < 0 or cfg.budget_hours <= 0:
+        raise ConfigError(f"throughput must be >= 0 and budget_hours > 0, got {cfg.throughput}, {cfg.budget_hours}")
+    runs = [read_run(Path(r), cfg.tta) for r in cfg.runs]
+    if cfg.throughput:
+        throughput_for, source = (lambda run: cfg.throughput), [f"throughput={cfg.throughput:g} tokens/s for every member"]
+    else:
+        throughput_for = ThroughputTable(Path(cfg.throughput_file or DEFAULT_TABLE), cfg.hardware, cfg.family)
+        source = []
+        for run in runs:  # a missing rate stops here, before the CSV is parsed
+            throughput_for(run)
+    df, report = read_competition_csv(cfg.csv, labels=False)
+    print(report.summary())
+    table, warnings = plan(runs, df, throughput_for, cfg.budget_hours, cfg.count)
+    if isinstance(throughput_for, ThroughputTable):
+        source = [f"{name}: {text} from {throughput_for.path}" for name, text in throughput_for.used.items()]
+    print("\n".join(source))
+    print(f"minutes = {cfg.count} tokens / tokens/s / 60; padded = rows x longest row of each inference batch")
+    print(format_table(table))
+    total = table["minutes"].sum()
+    print("\n".join(warnings) if warnings else f"within budget: {total:.1f} of {cfg.budget_hours * 60:.0f} min")

@@ -1,0 +1,228 @@
+"""train.export -> Kaggle dataset folder -> infer.kaggle on a fake /kaggle/input tree (CPU, tiny 4-bit Llama)."""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ENV, SAMPLE
+from data.config import run_cli
+from data.io import LABEL_COLS, read_competition_csv
+from infer.kaggle import MANIFEST, file_table, verify_files
+from infer.model import AdapterError, head_checksum
+from infer.predict import load_run, predict_frame
+from train.export import main as export_main
+
+DATASET_ID = "tester/arena-pref-tiny"
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def member(llama_run, tmp_path_factory) -> Path:
+    """A member directory holding a copy of the session's run (whose folder stays untouched)."""
+    folder = tmp_path_factory.mktemp("members") / "tiny-llama"
+    shutil.copytree(llama_run, folder / llama_run.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(member, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "arena-pref-tiny"
+    export_main([str(member), "--dataset-id", DATASET_ID, "--out", str(out), "--verify-rows", "4"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def installed(exported, tmp_path_factory) -> Path:
+    """The exported wheel installed with `pip install --no-index --no-deps --target`."""
+    target = tmp_path_factory.mktemp("site")
+    wheel = next(exported.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
+                   check=True, env=pip_env(), capture_output=True)
+    return target
+
+
+def pip_env() -> dict:
+    """This interpreter's pip, or else the pip wheel bundled with ensurepip run from the zip (uv venvs lack pip)."""
+    if importlib.util.find_spec("pip"):
+        return dict(os.environ)
+    bundled = sorted((Path(importlib.util.find_spec("ensurepip").origin).parent / "_bundled").glob("pip-*.whl"))
+    return {**os.environ, "PYTHONPATH": str(bundled[-1])}
+
+
+def test_export_round_trips(exported, member):
+    run = exported / "members" / "tiny-llama" / "fold0-seed42"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "manifest.json", "metrics.json", "tokenizer"]
+    manifest = json.loads((exported / MANIFEST).read_text())
+    assert manifest["files"] == file_table(exported) and verify_files(exported, manifest) == len(manifest["files"])
+    source_head = json.loads((member / "fold0-seed42" / "manifest.json").read_text())["head"]["sha256"]
+    assert manifest["runs"]["members/tiny-llama/fold0-seed42"]["head_sha256"] == source_head
+    assert manifest["members"]["tiny-llama"] == {"kind": "runs", "runs": ["fold0-seed42"], "predict": ["fold0-seed42"]}
+    assert set(manifest["packages"]) == {"torch", "transformers", "peft", "bitsandbytes"} and manifest["formatter_version"] == "1"
+    assert manifest["cv"]["tiny-llama"]["runs"]["fold0-seed42"] == json.loads((run / "metrics.json").read_text())["log_loss"]
+    meta = json.loads((exported / "dataset-metadata.json").read_text())
+    assert meta == {"title": "arena pref tiny", "id": DATASET_ID, "licenses": [{"name": "CC0-1.0"}]}
+    nb = json.loads((exported / "kaggle_infer.ipynb").read_text())
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert nb["nbformat"] == 4 and "'--no-index', '--no-deps'" in code and "kaggle_infer.py" in code
+
+    rows = read_competition_csv(SAMPLE / "test.csv", labels=False)[0].iloc[:12]
+    pd.testing.assert_frame_equal(predict_frame([load_run(run)], rows), predict_frame([load_run(member / run.name)], rows),
+                                  check_exact=True)
+
+
+def test_wheel_record_and_pip_install(exported, installed):
+    wheel = next(exported.glob("*.whl"))
+    assert wheel.name == "arena_pref-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        record = list(csv.reader(io.StringIO(zf.read("arena_pref-0.1.0.dist-info/RECORD").decode())))
+        assert {row[0] for row in record} == set(zf.namelist())
+        for name, digest, size in record:
+            if name.endswith("RECORD"):
+                continue
+            data = zf.read(name)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert (digest, int(size)) == (f"sha256={expected}", len(data)), name
+    for name in ("infer/kaggle.py", "infer/predict.py", "train/export.py", "data/io.py", "arena_pref-0.1.0.dist-info/METADATA"):
+        assert (installed / name).is_file(), name
+
+
+@pytest.mark.parametrize("damage", ["removed", "changed"])
+def test_export_refuses_missing_or_changed_head(llama_run, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "tiny-llama" / "fold0-seed42"
+    shutil.copytree(llama_run, run)
+    tensors = load_file(run / ADAPTER)
+    key = next(k for k in tensors if k.endswith("score.weight"))
+    if damage == "removed":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, run / ADAPTER)
+    with pytest.raises(AdapterError, match="no classification head" if damage == "removed" else "head checksum"):
+        export_main([str(run), "--dataset-id", DATASET_ID, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()  # refused before writing
+
+
+def test_upload_without_credentials_says_what_is_missing(member, tmp_path, monkeypatch, capsys):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    argv = [str(member), "--dataset-id", DATASET_ID, "--out", str(tmp_path / "out"), "--upload"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: export_main(argv))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "KAGGLE_USERNAME and KAGGLE_KEY not set" in err and str(tmp_path / "kaggle-config" / "kaggle.json") in err
+    if importlib.util.find_spec("kaggle") is None:
+        assert "pip install kaggle" in err
+    assert not (tmp_path / "out").exists()  # checked before any export work
+
+
+def test_kaggle_entry_end_to_end(exported, installed, tiny_llama, tmp_path):
+    """kaggle_infer.py against a fake /kaggle/input tree, importing the installed wheel, not the repo."""
+    kaggle_input = tmp_path / "kaggle" / "input"
+    competition, dataset, base = kaggle_input / "lmsys-chatbot-arena", kaggle_input / "arena-pref-tiny", kaggle_input / "tiny-base"
+    competition.mkdir(parents=True)
+    shutil.copy2(SAMPLE / "test.csv", competition / "test.csv")
+    sample = pd.read_csv(SAMPLE / "sample_submission.csv").sample(frac=1.0, random_state=3)
+    sample.to_csv(competition / "sample_submission.csv", index=False)
+    shutil.copytree(exported, dataset)
+    shutil.copytree(tiny_llama, base)
+    out = tmp_path / "kaggle" / "working" / "submission.csv"
+    env = {**ENV, "PYTHONPATH": str(installed)}
+    where = subprocess.run([sys.executable, "-c", "import infer.kaggle; print(infer.kaggle.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(installed)
+    cmd = [sys.executable, str(dataset / "kaggle_infer.py"), "--no-install", "--competition", str(competition),
+           "--dataset", str(dataset), "--base", str(base), "--out", str(out), "--workers", "1",
+           "--quantization", "4bit", "--compute-dtype", "float32"]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "files match manifest.json" in result.stdout
+
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["id", *LABEL_COLS] and sub["id"].tolist() == sample["id"].tolist()
+    np.testing.assert_allclose(sub[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)
+    from infer.predict import main as predict_main
+
+    reference = tmp_path / "reference.csv"
+    predict_main([f"runs={dataset / 'members/tiny-llama/fold0-seed42'}", f"csv={competition / 'test.csv'}",
+                  f"sample_submission={competition / 'sample_submission.csv'}", f"out={reference}", f"base_path={base}",
+                  "quantization=4bit", "compute_dtype=float32", "workers=1", "tta=true"])
+    ref = pd.read_csv(reference)
+    assert ref["id"].tolist() == sub["id"].tolist()
+    np.testing.assert_allclose(sub[list(LABEL_COLS)].to_numpy(), ref[list(LABEL_COLS)].to_numpy(), atol=1e-6, rtol=0)
+
+
+def test_merge_folds_averages_adapters(member, tmp_path):
+    """A second 'fold' (perturbed copy) merged with the first: tensors are the element-wise mean, parity stored."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tiny-llama"
+    shutil.copytree(member, folder)
+    fold1 = folder / "fold1-seed42"
+    shutil.copytree(folder / "fold0-seed42", fold1)
+    tensors = {k: v * 0.8 + 0.01 for k, v in load_file(fold1 / ADAPTER).items()}
+    save_file(tensors, fold1 / ADAPTER, metadata={"format": "pt"})
+    manifest = json.loads((fold1 / "manifest.json").read_text())
+    manifest["head"]["sha256"] = head_checksum(next(v for k, v in tensors.items() if k.endswith("score.weight")))
+    (fold1 / "manifest.json").write_text(json.dumps(manifest))
+
+    out = tmp_path / "export"
+    export_main([str(folder), "--dataset-id", DATASET_ID, "--out", str(out), "--merge-folds", "--verify-rows", "4"])
+    dataset_manifest = json.loads((out / MANIFEST).read_text())
+    assert dataset_manifest["members"]["tiny-llama"]["predict"] == ["merged"]
+    parity = dataset_manifest["merge"]["tiny-llama"]["parity"]
+    assert parity["rows"] == 4 and 0 <= parity["mean_abs_prob_diff"] <= parity["max_abs_prob_diff"] < 1
+    merged = load_file(out / "members/tiny-llama/merged" / ADAPTER)
+    first = load_file(folder / "fold0-seed42" / ADAPTER)
+    for key, value in merged.items():
+        assert np.allclose(value.numpy(), (first[key].numpy() + tensors[key].numpy()) / 2, atol=1e-7), key
+    head = next(v for k, v in merged.items() if k.endswith("score.weight"))
+    assert dataset_manifest["runs"]["members/tiny-llama/merged"]["head_sha256"] == head_checksum(head)
+
+
+def test_recipe_export_and_entry(member, exported, tiny_llama, tmp_path):
+    """A recipe with the run member and a length member: exported, then scored by infer.kaggle in-process."""
+    pytest.importorskip("infer.ensemble")
+    from infer.kaggle import main as kaggle_main
+    from train.length import main as length_main
+
+    folds = tmp_path / "folds.csv"
+    from data.folds import make_folds
+
+    make_folds(read_competition_csv(SAMPLE / "train.csv")[0], n_folds=5, seed=42).to_csv(folds, index=False)
+    runs_root = tmp_path / "runs"
+    shutil.copytree(member, runs_root / "tiny-llama")
+    length_main([f"csv={SAMPLE / 'train.csv'}", f"folds={folds}", f"out={runs_root / 'length'}"])
+    recipe = {"version": 1, "method": "prob_avg", "weights": [0.7, 0.3], "temperature": 1.0, "stacker": None, "oof_log_loss": {},
+              "members": [{"name": "tiny-llama", "kind": "runs", "runs": ["fold0-seed42"]},
+                          {"name": "length", "kind": "length", "model": "length_model.json"}]}
+    (runs_root / "ensemble").mkdir()
+    (runs_root / "ensemble" / "recipe.json").write_text(json.dumps(recipe))
+    out = tmp_path / "export"
+    export_main(["--recipe", str(runs_root / "ensemble" / "recipe.json"), "--dataset-id", DATASET_ID, "--out", str(out),
+                 "--verify-rows", "0"])
+    assert (out / "recipe.json").is_file() and (out / "members/length/length_model.json").is_file()
+    sub_path = tmp_path / "submission.csv"
+    kaggle_main(["--dataset", str(out), "--competition", str(SAMPLE), "--base", str(tiny_llama), "--out", str(sub_path),
+                 "--workers", "1", "--quantization", "4bit", "--compute-dtype", "float32", "--tta", "false"])
+    sub = pd.read_csv(sub_path)
+    assert sub["id"].tolist() == pd.read_csv(SAMPLE / "sample_submission.csv")["id"].tolist()
+    np.testing.assert_allclose(sub[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)

@@ -1,0 +1,333 @@
+"""Export run folders (or an ensemble recipe's members) as a verified Kaggle dataset folder.
+
+Usage:
+    python -m train.export runs/gemma2-9b-qlora/fold0-seed42 runs/llama3-8b-qlora \\
+        --dataset-id user/arena-pref-models --out export/ [--title "Arena pref models"]
+    python -m train.export --recipe runs/ensemble/recipe.json --dataset-id user/arena-pref-ens --out export/
+    ... --merge-folds   also average each member's fold adapters into members/<name>/merged/
+    ... --upload        then create the Kaggle dataset, or a new version of it (needs credentials)
+    python -m train.export --help
+
+Positional arguments are run folders (fold0-seed42/) or member directories (all complete run
+folders inside). With --recipe, its members are looked up in --runs-root (default: the recipe
+folder's parent) or among the positional member directories. The folder written:
+    members/<name>/<run>/       adapter/, tokenizer/, config.yaml, manifest.json, metrics.json
+    members/<name>/<model>      length members' length_model.json
+    recipe.json                 with --recipe
+    <dist>-<ver>-py3-none-any.whl   this repo's code, installed offline with --no-index --no-deps
+    wheels/                     --extra-wheels (e.g. transformers/peft/bitsandbytes for the Kaggle image)
+    kaggle_infer.py, kaggle_infer.ipynb   the Kaggle entry (python -m infer.kaggle)
+    manifest.json               sha256 + size of every file, head checksums, CV scores, versions
+    dataset-metadata.json       for the Kaggle API
+Before finishing (and before any upload) the folder is verified: every adapter holds its head, whose
+checksum equals the run's manifest and the dataset manifest; every file matches its sha256; the
+wheel matches its RECORD; and where the base model is available locally (the run's model.path or
+--base-path), exported and source runs score `verify_rows` rows identically. The folder is built
+as <out>.partial and renamed to <out> only once verified.
+
+--merge-folds averages the LoRA A, B and head tensors of a member's folds element-wise. The mean
+of the As times the mean of the Bs is not the mean of the B@A products (nor of the predictions),
+so it is an approximation: the parity against the mean of the fold predictions is printed and
+stored in the manifest, and the Kaggle entry then scores the member with merged/ alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import importlib.util
+import re
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from data.config import ConfigError, UserError, opt, run_cli
+from data.formatter import FORMATTER_VERSION
+from infer.kaggle import DATASET_FORMAT, LAUNCHER, MANIFEST, file_table, installed_version, notebook, parse_bases, parse_cli, verify_files
+from infer.model import AdapterError, adapter_head, head_checksum
+from train.kaggle_upload import upload, upload_problems
+from train.wheel import build_wheel, check_wheel
+
+ID_RE = re.compile(r"[A-Za-z0-9_-]+/[a-z0-9-]{6,50}")
+RUN_FILES = ("adapter", "tokenizer", "config.yaml", "manifest.json", "metrics.json")
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    runs: list[str] = opt([], "run folders or member directories (also as positional arguments)")
+    dataset_id: str = opt("", "Kaggle dataset id owner/slug (slug: 6-50 lowercase letters, digits, hyphens)")
+    out: str = opt("", "folder to write; must not exist or be empty (or a previous export, with overwrite)")
+    title: str = opt("", "dataset title, 6-50 characters; empty: made from the slug")
+    recipe: str = opt("", "ensemble recipe.json: every member it names is exported, and the recipe")
+    runs_root: str = opt("", "folder of the recipe's member directories; empty: the recipe folder's parent")
+    merge_folds: bool = opt(False, "also average each member's fold adapters into members/<name>/merged/")
+    base_path: list[str] = opt([], "base model for the prediction checks: PATH, or NAME=PATH per member; default: each run's model.path if it exists")
+    verify_rows: int = opt(8, "rows of verify_csv scored by exported vs source runs (identical) and merged vs folds; 0: skip")
+    verify_csv: str = opt("", "competition-format CSV for those checks; empty: the packaged data/sample/test.csv")
+    kaggle_base: list[str] = opt([], "--base arguments written into the notebook, e.g. NAME=<the attached base model folder on Kaggle>")
+    extra_wheels: list[str] = opt([], ".whl files copied to wheels/ and installed first by kaggle_infer.py")
+    overwrite: bool = opt(False, "replace `out` when it holds a previous export")
+    upload: bool = opt(False, "upload: new dataset if it does not exist, else a new version")
+    public: bool = opt(False, "with --upload of a new dataset: make it public")
+    notes: str = opt("", "version notes for --upload; empty: a summary of the export")
+
+
+class ExportError(UserError, RuntimeError):
+    """An export that cannot be written, verified or uploaded; the message names the file or run."""
+
+
+def is_run(path: Path) -> bool:
+    return (path / "manifest.json").is_file() and (path / "adapter").is_dir()
+
+
+def check_source_run(run: Path) -> dict:
+    """Refuse a run folder without its head, or whose head checksum differs from its manifest."""
+    for need in ("config.yaml", "manifest.json", ADAPTER_FILE, "tokenizer"):
+        if not (run / need).exists():
+            raise ExportError(f"{run}: not a complete run folder ({need} missing)")
+    manifest = json.loads((run / "manifest.json").read_text())
+    if manifest["formatter"]["version"] != FORMATTER_VERSION:
+        raise AdapterError(f"{run}: formatter version {manifest['formatter']['version']}, this code has {FORMATTER_VERSION}")
+    _, head = adapter_head(run / "adapter")
+    if head_checksum(head) != manifest["head"]["sha256"]:
+        raise AdapterError(f"{run}: head checksum {head_checksum(head)[:12]} differs from its manifest's "
+                           f"{manifest['head']['sha256'][:12]}; refusing to export a changed or corrupted adapter")
+    return manifest
+
+
+def collect_members(cfg: ExportConfig) -> tuple[dict, dict | None]:
+    """member name -> {kind, dir, runs | model}; plus the loaded recipe (or None)."""
+    given: dict[str, dict] = {}
+    for item in map(Path, cfg.runs):
+        if is_run(item):
+            name, runs, folder = item.resolve().parent.name, [item.name], item.resolve().parent
+        elif item.is_dir():
+            runs, folder, name = sorted(p.name for p in item.iterdir() if is_run(p) and p.name != "merged"), item, item.resolve().name
+            if not runs:
+                raise ExportError(f"{item}: neither a run folder nor a member directory holding run folders")
+        else:
+            raise ExportError(f"{item}: no such run folder or member directory")
+        member = given.setdefault(name, {"kind": "runs", "dir": folder, "runs": []})
+        if member["dir"].resolve() != folder.resolve():
+            raise ExportError(f"member name {name!r} given twice: {member['dir']} and {folder}")
+        member["runs"] += [r for r in runs if r not in member["runs"]]
+    if not cfg.recipe:
+        if not given:
+            raise ConfigError("give run folders / member directories, or --recipe (see --help)")
+        return given, None
+    from infer.ensemble import load_recipe
+
+    recipe = load_recipe(Path(cfg.recipe))
+    root = Path(cfg.runs_root) if cfg.runs_root else Path(cfg.recipe).resolve().parent.parent
+    names = [m["name"] for m in recipe["members"]]
+    if set(given) - set(names):
+        raise ExportError(f"{sorted(set(given) - set(names))} are not members of {cfg.recipe} (members: {names})")
+    members = {}
+    for m in recipe["members"]:
+        folder = given[m["name"]]["dir"] if m["name"] in given else root / m["name"]
+        entry = {"kind": m["kind"], "dir": folder}
+        entry.update({"runs": list(m["runs"])} if m["kind"] == "runs" else {"model": m["model"]})
+        if m["kind"] == "length" and not (folder / m["model"]).is_file():
+            raise ExportError(f"{folder / m['model']}: length model of recipe member {m['name']} not found")
+        members[m["name"]] = entry
+    return members, recipe
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    for name in RUN_FILES:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+        elif (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+
+
+def merge_folds(member_out: Path, runs: list[str]) -> str:
+    """Element-wise mean of the folds' adapter tensors -> member_out/merged (a run folder)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    first = member_out / runs[0]
+    tensors = [load_file(member_out / r / ADAPTER_FILE) for r in runs]
+    for r, t in zip(runs[1:], tensors[1:]):
+        if {k: v.shape for k, v in t.items()} != {k: v.shape for k, v in tensors[0].items()}:
+            raise ExportError(f"{member_out / r}: adapter tensors differ in names or shapes from {first}; cannot merge")
+        if (member_out / r / "adapter/adapter_config.json").read_text() != (first / "adapter/adapter_config.json").read_text():
+            raise ExportError(f"{member_out / r}: LoRA config differs from {first}; cannot merge")
+    merged = {k: torch.stack([t[k].float() for t in tensors]).mean(0).to(v.dtype) for k, v in tensors[0].items()}
+    out = member_out / "merged"
+    shutil.copytree(first / "tokenizer", out / "tokenizer")
+    (out / "adapter").mkdir(parents=True)
+    shutil.copy2(first / "adapter/adapter_config.json", out / "adapter/adapter_config.json")
+    with safe_open(first / ADAPTER_FILE, "pt") as fh:
+        metadata = fh.metadata()
+    save_file(merged, out / ADAPTER_FILE, metadata=metadata)
+    config = yaml.safe_load((first / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "fold": "merged"}, sort_keys=False))
+    manifest = json.loads((first / "manifest.json").read_text())
+    key, head = adapter_head(out / "adapter")
+    manifest.pop("metrics", None)
+    manifest.update(fold="merged", merged_from=runs, head={"key": key, "shape": list(head.shape), "sha256": head_checksum(head)})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return "merged"
+
+
+def check_rows(cfg: ExportConfig):
+    from data.io import read_competition_csv
+
+    path = Path(cfg.verify_csv) if cfg.verify_csv else Path(importlib.util.find_spec("data").origin).parent / "sample" / "test.csv"
+    return read_competition_csv(path, labels=False)[0].head(cfg.verify_rows)
+
+
+def predictions(run_dirs: list[Path], base: str, rows):
+    from infer.predict import PredictConfig, load_run, predict_frame
+
+    overrides = PredictConfig(base_path=base, tta=False, workers=1)
+    return predict_frame([load_run(d, overrides) for d in run_dirs], rows)
+
+
+def base_for(run: Path, bases: dict, member: str) -> str:
+    """--base-path for the member, else the run's recorded model.path if it is here; "" if neither."""
+    if member in bases:
+        return bases[member]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["model"]["path"]
+    if recorded.startswith("pypkg:"):
+        return recorded if importlib.util.find_spec(recorded.removeprefix("pypkg:")) else ""
+    return recorded if recorded and Path(recorded).is_dir() else ""
+
+
+def prediction_checks(cfg: ExportConfig, out: Path, members: dict, manifest: dict) -> None:
+    """Exported runs score like their sources (exactly); merged adapters vs the mean of their folds."""
+    from data.io import LABEL_COLS
+
+    if cfg.verify_rows <= 0:
+        print("prediction checks skipped (verify_rows=0)")
+        return
+    rows, cols = check_rows(cfg), list(LABEL_COLS)
+    bases = parse_bases(cfg.base_path, [n for n, m in members.items() if m["kind"] == "runs"])
+    for rel, info in manifest["runs"].items():
+        member, run = info["member"], out / rel
+        base = base_for(run, bases, member)
+        if not base:
+            print(f"{rel}: prediction check skipped: base model not found locally (pass --base-path {member}=DIR)")
+        elif info.get("merged_from"):
+            folds = predictions([run.parent / r for r in info["merged_from"]], base, rows)[cols].to_numpy()
+            diff = np.abs(predictions([run], base, rows)[cols].to_numpy() - folds)
+            parity = {"rows": len(rows), "mean_abs_prob_diff": float(diff.mean()), "max_abs_prob_diff": float(diff.max())}
+            manifest["merge"][member]["parity"] = parity
+            print(f"{rel}: merged vs mean of {len(info['merged_from'])} fold predictions: {parity}")
+        else:
+            exported, source = predictions([run], base, rows), predictions([members[member]["dir"] / run.name], base, rows)
+            if not np.array_equal(exported[cols].to_numpy(), source[cols].to_numpy()):
+                raise ExportError(f"{run}: predictions differ from the source run {members[member]['dir'] / run.name}")
+            print(f"{rel}: {len(rows)} rows scored identically to the source run")
+
+
+def verify_export(out: Path, manifest: dict) -> None:
+    listed, present = set(manifest["files"]), set(file_table(out))
+    if listed != present:
+        raise ExportError(f"{out}: files not matching the manifest listing: {sorted(listed ^ present)[:10]}")
+    verify_files(out, manifest)
+    for rel, info in manifest["runs"].items():
+        _, head = adapter_head(out / rel / "adapter")
+        run_sha = json.loads((out / rel / "manifest.json").read_text())["head"]["sha256"]
+        if not head_checksum(head) == run_sha == info["head_sha256"]:
+            raise AdapterError(f"{out / rel}: head checksum differs between adapter, run manifest and {MANIFEST}")
+    check_wheel(out / manifest["wheel"])
+    check_metadata(json.loads((out / "dataset-metadata.json").read_text()))
+
+
+def check_metadata(meta: dict) -> None:
+    if not ID_RE.fullmatch(meta.get("id", "")):
+        raise ConfigError(f"dataset id {meta.get('id')!r}: must be owner/slug, slug 6-50 lowercase letters, digits, hyphens")
+    if not 6 <= len(meta.get("title", "")) <= 50:
+        raise ConfigError(f"dataset title {meta.get('title')!r}: must be 6-50 characters (Kaggle's limit)")
+    if meta.get("licenses") != [{"name": "CC0-1.0"}]:
+        raise ConfigError(f"dataset licenses {meta.get('licenses')!r}: expected [{{'name': 'CC0-1.0'}}]")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (overwrite and (out / MANIFEST).is_file() and (out / "dataset-metadata.json").is_file()):
+        raise ExportError(f"{out} is not empty (overwrite=true replaces a previous export, nothing else)")
+
+
+def write_export(cfg: ExportConfig, members: dict, recipe: dict | None, sources: dict, out: Path) -> dict:
+    """Copy members, merge folds, write wheel, entry files and metadata; returns the manifest without files."""
+    runs, cv, merge = {}, {}, {}
+    for name, m in members.items():
+        folder = out / "members" / name
+        if m["kind"] == "length":
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(m["dir"] / m["model"], folder / m["model"])
+            continue
+        cv[name] = {"runs": {}, "oof": {p.name: json.loads(p.read_text()).get("oof_log_loss") for p in sorted(m["dir"].glob("cv-seed*.json"))}}
+        for r in m["runs"]:
+            source = sources[name, r]
+            copy_run(m["dir"] / r, folder / r)
+            metrics = source.get("metrics") or {}
+            cv[name]["runs"][r] = metrics.get("log_loss")
+            runs[f"members/{name}/{r}"] = {"member": name, "head_key": source["head"]["key"], "head_sha256": source["head"]["sha256"],
+                                           "base_model": source["base_model"], "metrics": metrics, "trained_with": source["packages"]}
+        m["predict"] = list(m["runs"])
+        if cfg.merge_folds and len(m["runs"]) == 1:
+            print(f"merge-folds: member {name} has a single run, nothing to merge")
+        elif cfg.merge_folds:
+            m["predict"] = [merge_folds(folder, m["runs"])]
+            head = json.loads((folder / "merged/manifest.json").read_text())["head"]
+            runs[f"members/{name}/merged"] = {"member": name, "head_key": head["key"], "head_sha256": head["sha256"], "merged_from": m["runs"]}
+            merge[name] = {"from": m["runs"], "parity": None}
+    for path in map(Path, cfg.extra_wheels):
+        (out / "wheels").mkdir(exist_ok=True)
+        shutil.copy2(path, out / "wheels" / path.name)
+    if cfg.recipe:
+        shutil.copy2(cfg.recipe, out / "recipe.json")
+    wheel = build_wheel(out).name
+    slug = cfg.dataset_id.split("/")[1]
+    summary = f"Dataset `{cfg.dataset_id}`: members {sorted(members)}" + (", combined by recipe.json" if recipe else ", averaged")
+    (out / "kaggle_infer.py").write_text(LAUNCHER)
+    (out / "kaggle_infer.ipynb").write_text(json.dumps(notebook(slug, wheel, cfg.kaggle_base, summary), indent=1))
+    meta = {"title": cfg.title or slug.replace("-", " "), "id": cfg.dataset_id, "licenses": [{"name": "CC0-1.0"}]}
+    (out / "dataset-metadata.json").write_text(json.dumps(meta, indent=2))
+    return {
+        "format": DATASET_FORMAT, "dataset_id": cfg.dataset_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "formatter_version": FORMATTER_VERSION, "wheel": wheel, "recipe": "recipe.json" if cfg.recipe else None,
+        "packages": {p: installed_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
+        "members": {n: {k: v for k, v in m.items() if k != "dir"} for n, m in members.items()},
+        "runs": runs, "cv": cv, "recipe_oof_log_loss": (recipe or {}).get("oof_log_loss"), "merge": merge,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, words = parse_cli(ExportConfig, __doc__, sys.argv[1:] if argv is None else argv)
+    cfg = dataclasses.replace(cfg, runs=[*cfg.runs, *words])
+    if not cfg.out or not cfg.dataset_id:
+        raise ConfigError("--out and --dataset-id are required (see --help)")
+    check_metadata({"id": cfg.dataset_id, "title": cfg.title or cfg.dataset_id.partition("/")[2], "licenses": [{"name": "CC0-1.0"}]})
+    if cfg.upload and upload_problems():  # fail before minutes of export work
+        raise ExportError("cannot upload:\n  " + "\n  ".join(upload_problems()))
+    members, recipe = collect_members(cfg)
+    sources = {(n, r): check_source_run(m["dir"] / r) for n, m in members.items() if m["kind"] == "runs" for r in m["runs"]}
+    out = Path(cfg.out).resolve()
+    check_out(out, cfg.overwrite)
+    # Built next to `out` and moved there only once verified, so a failed export never looks finished.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    manifest = write_export(cfg, members, recipe, sources, partial)
+    prediction_checks(cfg, partial, members, manifest)
+    manifest["files"] = file_table(partial)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    verify_export(partial, manifest)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    print(f"{out}: {len(manifest['files'])} files verified ({len(manifest['runs'])} runs, heads and sha256 checked)")
+    if cfg.upload:
+        upload(out, cfg.dataset_id, cfg.notes or f"arena-pref export {manifest['created']}: {sorted(members)}", cfg.public)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,153 @@
+"""Length-feature baseline: multinomial logistic regression on data.features.length_features.
+
+Usage:
+    python -m train.length csv=input/train.csv folds=input/folds.csv out=runs/length [C=1.0]
+
+Trained per fold like any run (fit on the other folds, predict the held-out one), so its OOF can
+join an ensemble (`python -m infer ensemble members=...,runs/length`). Writes into `out`:
+oof.csv (id + 3 probabilities, every row with fold >= 0), metrics.json (per-fold and overall
+log loss next to the class prior of each fold's training folds) and length_model.json, a model
+fitted on all rows, stored as JSON (scaler + coefficients) so test predictions need only numpy
+(`predict_length`). Rows with fold < 0 in the folds file are only ever trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from data.config import ConfigError, cli_config, opt, run_cli
+from data.features import FEATURES, length_features
+from data.folds import attach_folds, read_folds
+from data.io import LABEL_COLS, DataError, read_competition_csv, targets_by_id
+from infer.predict import log_loss, softmax, write_predictions
+
+MODEL_FILE = "length_model.json"
+MODEL_VERSION = 1
+
+
+@dataclasses.dataclass
+class LengthConfig:
+    csv: str = opt("", "competition-format CSV with winner columns (train.csv)")
+    folds: str = opt("", "folds file (id,fold), the same one every other ensemble member was trained with")
+    out: str = opt("runs/length", "member directory to write: oof.csv, metrics.json, length_model.json")
+    C: float = opt(1.0, "inverse L2 regularisation strength of the logistic regression (larger = weaker)")
+    drop_bad_rows: bool = opt(False, "drop unparseable rows (counted) instead of stopping at them")
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, features: list[str], C: float = 1.0) -> dict:
+    """Standardise X, fit a multinomial (lbfgs) logistic regression; parameters as JSON-ready lists."""
+    absent = sorted(set(range(len(LABEL_COLS))) - set(np.asarray(y).tolist()))
+    if absent:
+        # sklearn would silently fit fewer classes and the coefficient rows would no longer match LABEL_COLS.
+        raise DataError(f"logistic fit: no training row of class(es) {[LABEL_COLS[c] for c in absent]}")
+    scaler = StandardScaler().fit(X)
+    lr = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(X), y)
+    return {
+        "features": list(features),
+        "mean": scaler.mean_.tolist(),
+        "scale": scaler.scale_.tolist(),
+        "coef": lr.coef_.tolist(),
+        "intercept": lr.intercept_.tolist(),
+    }
+
+
+def logistic_proba(params: dict, X: np.ndarray) -> np.ndarray:
+    """Class probabilities from fit_logistic's parameters with numpy only (no sklearn objects)."""
+    z = (np.asarray(X, float) - np.asarray(params["mean"])) / np.asarray(params["scale"])
+    return softmax(z @ np.asarray(params["coef"]).T + np.asarray(params["intercept"]))
+
+
+def fit_length_model(df: pd.DataFrame, C: float = 1.0) -> dict:
+    """Length model fitted on every row of `df` (read_competition_csv output with `label`)."""
+    params = fit_logistic(length_features(df).to_numpy(), df["label"].to_numpy(), list(FEATURES), C)
+    return {"version": MODEL_VERSION, "kind": "length", "classes": list(LABEL_COLS), **params, "C": C, "rows": len(df)}
+
+
+def predict_length(model: dict, df: pd.DataFrame) -> pd.DataFrame:
+    """id + 3 probabilities for the rows of `df` (in df's order) from a length_model.json dict."""
+    if model.get("version") != MODEL_VERSION or list(model.get("classes", [])) != list(LABEL_COLS):
+        raise DataError(f"length model: expected version {MODEL_VERSION} with classes {list(LABEL_COLS)}, "
+                        f"got version {model.get('version')!r}, classes {model.get('classes')!r}")
+    unknown = sorted(set(model["features"]) - set(FEATURES))
+    if unknown:
+        raise DataError(f"length model uses features {unknown} that data.features does not compute")
+    probs = logistic_proba(model, length_features(df)[model["features"]].to_numpy())
+    return pd.DataFrame({"id": df["id"].to_numpy(), **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
+
+
+def load_length_model(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: length model not found (write it with `python -m train.length`)")
+    return json.loads(path.read_text())
+
+
+def cross_validate(df: pd.DataFrame, C: float) -> tuple[pd.DataFrame, list[dict]]:
+    """OOF predictions for rows with fold >= 0 and per-fold metrics; each fold sees only the others."""
+    parts, results = [], []
+    for fold in sorted(int(k) for k in set(df["fold"]) if k >= 0):
+        train, held = df[df["fold"] != fold], df[df["fold"] == fold]
+        pred = predict_length(fit_length_model(train, C), held)
+        truth = targets_by_id(held, pred["id"])
+        prior = np.stack(train["target"].to_numpy()).mean(axis=0)
+        results.append({
+            "fold": fold,
+            "rows": len(held),
+            "log_loss": log_loss(truth, pred[list(LABEL_COLS)].to_numpy()),
+            "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
+            "prior": prior.tolist(),
+        })
+        parts.append(pred)
+    if not parts:
+        raise DataError("the folds file assigns no row to a fold >= 0; nothing to cross-validate")
+    oof = pd.concat(parts, ignore_index=True)
+    order = df.loc[df["fold"] >= 0, "id"]
+    return oof.set_index("id").loc[order].reset_index(), results
+
+
+def cv_table(results: list[dict], overall: float, prior: float, rows: int) -> str:
+    """The same table `python -m train` prints, so the baseline reads like any run."""
+    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
+    for m in results:
+        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
+    lines.append(f"{'all':>5} {rows:>6} {overall:>9.4f} {prior:>9.4f}")
+    return "\n".join(lines)
+
+
+def run(cfg: LengthConfig) -> dict:
+    if not cfg.csv or not cfg.folds:
+        raise ConfigError("csv= and folds= are required (see python -m train.length --help)")
+    if cfg.C <= 0:
+        raise ConfigError(f"C must be > 0, got {cfg.C}")
+    df, report = read_competition_csv(cfg.csv, labels=True, drop_bad_rows=cfg.drop_bad_rows)
+    print(report.summary())
+    df = attach_folds(df, read_folds(cfg.folds), cfg.folds)
+    oof, results = cross_validate(df, cfg.C)
+    truth = targets_by_id(df, oof["id"])
+    overall = log_loss(truth, oof[list(LABEL_COLS)].to_numpy())
+    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
+    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / len(oof)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(oof, out / "oof.csv")
+    metrics = {"folds": results, "oof_log_loss": overall, "prior_log_loss": prior, "rows": len(oof), "C": cfg.C}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    model = fit_length_model(df, cfg.C)
+    (out / MODEL_FILE).write_text(json.dumps(model, indent=2))
+    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_table(results, overall, prior, len(oof)))
+    print(f"wrote {out / 'oof.csv'}, {out / 'metrics.json'}, {out / MODEL_FILE} (final model on {len(df)} rows)")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(cli_config(LengthConfig, __doc__, argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
