@@ -197,7 +197,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
             capped += m["minutes"]
     if changes:
         out.append(f"  format.infer_max_length at the 90th percentile of row lengths ({', '.join(changes)}; "
-                   f"infer predict infer_max_length=N): {outcome(capped)}")
+                   f"an override of infer predict): {outcome(capped)}")
     if len(members) > 1:
         slowest = max(members, key=lambda m: m["minutes"])
         out.append(f"  drop the slowest member {member_name(slowest['run'])} "
