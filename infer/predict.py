@@ -259,6 +259,29 @@ def log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(-(targets * np.log(probs)).sum(axis=1).mean())
 
 
+def fold_metrics(fold: int, truth: np.ndarray, probs: np.ndarray, train_targets: np.ndarray) -> dict:
+    """A held-out fold's log loss next to the class prior of its training rows."""
+    prior = train_targets.mean(axis=0)
+    return {
+        "fold": fold,
+        "rows": len(truth),
+        "log_loss": log_loss(truth, probs),
+        "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
+        "prior": prior.tolist(),
+    }
+
+
+def cv_table(results: list[dict], overall: float, rows: int) -> tuple[str, float]:
+    """(the CV table every trainer prints, overall prior log loss) from fold_metrics results."""
+    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
+    for m in results:
+        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
+    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
+    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / rows
+    lines.append(f"{'all':>5} {rows:>6} {overall:>9.4f} {prior:>9.4f}")
+    return "\n".join(lines), prior
+
+
 def select_fold(df: pd.DataFrame, folds_path: str, fold: int) -> pd.DataFrame:
     from data.folds import attach_folds, read_folds
 

@@ -21,27 +21,22 @@ import pandas as pd
 
 from data.config import cli_config, run_cli, split_argv
 from data.io import LABEL_COLS, targets_by_id
-from infer.predict import log_loss, write_predictions
+from infer.predict import cv_table, log_loss, write_predictions
 from train.config import TrainConfig
 from train.fold import load_rows, run_dir_for, train_fold
 
 
-def cv_table(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
-    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
-    for m in results:
-        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
+def cv_summary(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
+    """The CV table; with fold=all also the all-fold OOF file and cv-seed<s>.json."""
     oof = pd.concat([pd.read_csv(run_dir_for(cfg, m["fold"]) / "oof.csv") for m in results], ignore_index=True)
-    truth = targets_by_id(df, oof["id"])
-    overall = log_loss(truth, oof[list(LABEL_COLS)].to_numpy())
-    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
-    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / len(oof)
-    lines.append(f"{'all':>5} {len(oof):>6} {overall:>9.4f} {prior:>9.4f}")
+    overall = log_loss(targets_by_id(df, oof["id"]), oof[list(LABEL_COLS)].to_numpy())
+    table, prior = cv_table(results, overall, len(oof))
     if cfg.fold == "all":  # a single-fold run must not replace the summary of a complete CV
         summary = {"folds": results, "oof_log_loss": overall, "prior_log_loss": prior, "rows": len(oof)}
         out = Path(cfg.output_dir) / cfg.name
         (out / f"cv-seed{cfg.seed}.json").write_text(json.dumps(summary, indent=2))
         write_predictions(oof, out / f"oof-seed{cfg.seed}.csv")
-    return "\n".join(lines)
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = train_fold(cfg, fold, df, extra)
         print(f"fold {fold}: log loss {metrics['log_loss']:.4f} (class prior {metrics['prior_log_loss']:.4f})")
         results.append(metrics)
-    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_table(cfg, results, df))
+    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_summary(cfg, results, df))
 
 
 if __name__ == "__main__":

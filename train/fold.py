@@ -27,7 +27,7 @@ from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_f
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, targets_by_id
 from infer.model import HEAD, adapter_head, build_for_training, check_base, head_checksum, load_tokenizer, pick_device
-from infer.predict import load_run, log_loss, pad_batch, predict_frame, write_predictions
+from infer.predict import fold_metrics, load_run, pad_batch, predict_frame, write_predictions
 from train.config import TrainConfig
 
 
@@ -219,16 +219,9 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     write_predictions(oof, run_dir / "oof.csv")
     write_predictions(passes[0], run_dir / "oof_passes.csv")  # per TTA pass: position-bias analysis
     truth = targets_by_id(valid_df, oof["id"])
-    comp_train = df[df["fold"] != fold]
-    prior = np.stack(comp_train["target"].to_numpy()).mean(axis=0)
-    metrics = {
-        "fold": fold,
-        "rows": len(valid_df),
-        "log_loss": log_loss(truth, oof[list(LABEL_COLS)].to_numpy()),
-        "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
-        "prior": prior.tolist(),
-        "train_seconds": round(train_seconds, 1),
-    }
+    comp_train_targets = np.stack(df.loc[df["fold"] != fold, "target"].to_numpy())
+    metrics = fold_metrics(fold, truth, oof[list(LABEL_COLS)].to_numpy(), comp_train_targets)
+    metrics["train_seconds"] = round(train_seconds, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["metrics"] = metrics

@@ -25,7 +25,7 @@ from data.config import ConfigError, cli_config, opt, run_cli
 from data.features import FEATURES, length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, read_competition_csv, targets_by_id
-from infer.predict import log_loss, softmax, write_predictions
+from infer.predict import cv_table, fold_metrics, log_loss, softmax, write_predictions
 
 MODEL_FILE = "length_model.json"
 MODEL_VERSION = 1
@@ -95,29 +95,14 @@ def cross_validate(df: pd.DataFrame, C: float) -> tuple[pd.DataFrame, list[dict]
         train, held = df[df["fold"] != fold], df[df["fold"] == fold]
         pred = predict_length(fit_length_model(train, C), held)
         truth = targets_by_id(held, pred["id"])
-        prior = np.stack(train["target"].to_numpy()).mean(axis=0)
-        results.append({
-            "fold": fold,
-            "rows": len(held),
-            "log_loss": log_loss(truth, pred[list(LABEL_COLS)].to_numpy()),
-            "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
-            "prior": prior.tolist(),
-        })
+        train_targets = np.stack(train["target"].to_numpy())
+        results.append(fold_metrics(fold, truth, pred[list(LABEL_COLS)].to_numpy(), train_targets))
         parts.append(pred)
     if not parts:
         raise DataError("the folds file assigns no row to a fold >= 0; nothing to cross-validate")
     oof = pd.concat(parts, ignore_index=True)
     order = df.loc[df["fold"] >= 0, "id"]
     return oof.set_index("id").loc[order].reset_index(), results
-
-
-def cv_table(results: list[dict], overall: float, prior: float, rows: int) -> str:
-    """The same table `python -m train` prints, so the baseline reads like any run."""
-    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
-    for m in results:
-        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
-    lines.append(f"{'all':>5} {rows:>6} {overall:>9.4f} {prior:>9.4f}")
-    return "\n".join(lines)
 
 
 def run(cfg: LengthConfig) -> dict:
@@ -131,8 +116,7 @@ def run(cfg: LengthConfig) -> dict:
     oof, results = cross_validate(df, cfg.C)
     truth = targets_by_id(df, oof["id"])
     overall = log_loss(truth, oof[list(LABEL_COLS)].to_numpy())
-    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
-    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / len(oof)
+    table, prior = cv_table(results, overall, len(oof))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(oof, out / "oof.csv")
@@ -140,7 +124,7 @@ def run(cfg: LengthConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     model = fit_length_model(df, cfg.C)
     (out / MODEL_FILE).write_text(json.dumps(model, indent=2))
-    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_table(results, overall, prior, len(oof)))
+    print("\nCV (OOF log loss vs class prior of the training folds)\n" + table)
     print(f"wrote {out / 'oof.csv'}, {out / 'metrics.json'}, {out / MODEL_FILE} (final model on {len(df)} rows)")
     return metrics
 
