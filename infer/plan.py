@@ -30,10 +30,9 @@ import pandas as pd
 import yaml
 
 from data.config import ConfigError, cli_config, opt
-from data.formatter import Formatter
 from data.io import read_competition_csv
 from infer.model import resolve_path
-from infer.predict import InferSettings, Run, load_run, make_batches
+from infer.predict import InferSettings, Run, load_run, make_batches, run_formatter
 
 DEFAULT_TABLE = Path(__file__).with_name("throughput.yaml")
 COUNTS = ("real", "padded")
@@ -107,9 +106,7 @@ class ThroughputTable:
 
 def row_lengths(run: Run, df: pd.DataFrame, swaps: list[bool]) -> list[list[int]]:
     """Per pass: the token count of every row as `infer predict` formats it for this run."""
-    from transformers import AutoTokenizer
-
-    formatter = Formatter(AutoTokenizer.from_pretrained(run.path / "tokenizer", local_files_only=True), run.format)
+    formatter = run_formatter(run)
     out = []
     for swap in swaps:
         lengths: list[int] = []

@@ -168,11 +168,16 @@ def _score_share(run_path: str, model_cfg: dict, device: str, batches: list[list
     return out
 
 
-def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
-    """Per-(id, swap) probabilities of one run, already mapped back to the unswapped order."""
+def run_formatter(run: Run) -> Formatter:
+    """The formatter exactly as the run was trained with: its saved tokenizer and format settings."""
     from transformers import AutoTokenizer
 
-    formatter = Formatter(AutoTokenizer.from_pretrained(run.path / "tokenizer", local_files_only=True), run.format)
+    return Formatter(AutoTokenizer.from_pretrained(run.path / "tokenizer", local_files_only=True), run.format)
+
+
+def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
+    """Per-(id, swap) probabilities of one run, already mapped back to the unswapped order."""
+    formatter = run_formatter(run)
     passes = [False, True] if run.infer.tta else [False]
     seqs, ids, swaps = [], [], []
     for swap in passes:

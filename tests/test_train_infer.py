@@ -17,7 +17,7 @@ from data.config import build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS, DataError, read_competition_csv
 from infer.model import AdapterError, build_for_training, load_for_inference, pick_device
-from infer.predict import load_run, pad_batch, predict_frame, score_run
+from infer.predict import load_run, pad_batch, predict_frame, run_formatter, score_run
 from train.__main__ import main as train_main
 from train.config import TrainConfig
 from train.fold import encode_examples, save_run
@@ -147,10 +147,8 @@ def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path
 
 
 def test_padding_does_not_change_a_rows_logits(llama_run, sample_rows):
-    from transformers import AutoTokenizer
-
     run = load_run(llama_run)
-    formatter = Formatter(AutoTokenizer.from_pretrained(llama_run / "tokenizer"), run.format)
+    formatter = run_formatter(run)
     model = load_for_inference(llama_run, run.model, pick_device("cpu"), formatter.pad_id)
     seqs = formatter.encode_batch(sample_rows["prompt"][:5], sample_rows["response_a"][:5], sample_rows["response_b"][:5])
     with torch.inference_mode():
