@@ -47,7 +47,7 @@ import yaml
 from data.config import ConfigError, UserError, opt, run_cli
 from data.formatter import FORMATTER_VERSION
 from infer.kaggle import DATASET_FORMAT, LAUNCHER, MANIFEST, file_table, installed_version, notebook, parse_bases, parse_cli, verify_files
-from infer.model import AdapterError, adapter_head, head_checksum
+from infer.model import AdapterError, adapter_head, head_checksum, resolve_path
 from train.kaggle_upload import upload, upload_problems
 from train.wheel import build_wheel, check_wheel
 
@@ -196,9 +196,11 @@ def base_for(run: Path, bases: dict, member: str) -> str:
     if member in bases:
         return bases[member]
     recorded = yaml.safe_load((run / "config.yaml").read_text())["model"]["path"]
-    if recorded.startswith("pypkg:"):
-        return recorded if importlib.util.find_spec(recorded.removeprefix("pypkg:")) else ""
-    return recorded if recorded and Path(recorded).is_dir() else ""
+    try:
+        resolve_path(recorded)
+    except ConfigError:  # recorded on another machine: no local base to check predictions with
+        return ""
+    return recorded
 
 
 def prediction_checks(cfg: ExportConfig, out: Path, members: dict, manifest: dict) -> None:
