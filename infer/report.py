@@ -31,6 +31,7 @@ from data.config import ConfigError, cli_config, opt
 from data.features import length_features
 from data.folds import read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
+from infer.ensemble import check_preds
 from infer.predict import log_loss
 
 matplotlib.use("Agg")  # files only: training boxes and CI have no display; must precede pyplot
@@ -79,11 +80,8 @@ def model_name(path: Path) -> str:
 
 
 def join_oof(path: Path, labels_df: pd.DataFrame, folds_df: pd.DataFrame) -> Scored:
-    oof = read_checked_csv(path, ("id", *LABEL_COLS))
+    oof = check_preds(read_checked_csv(path, ("id", *LABEL_COLS)), str(path))
     probs = oof[list(LABEL_COLS)].to_numpy(dtype=float)
-    bad = oof["id"][~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1)]
-    if len(bad):
-        raise DataError(f"{path}: missing, negative or non-finite probabilities for id(s) {bad.tolist()[:20]}")
     for other, source in ((labels_df, "the labels file"), (folds_df, "the folds file")):
         missing = oof["id"][~oof["id"].isin(other["id"])]
         if len(missing):
