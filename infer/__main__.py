@@ -6,6 +6,7 @@ Usage:
     python -m infer plan ...       estimate the wall time of a prediction job before running it
     python -m infer report ...     Markdown + PNG report for OOF files
     python -m infer kaggle ...     Kaggle entry: exported dataset -> submission.csv (see python -m train.export)
+    python -m infer bench ...      GPU throughput / exactness benchmark of this module against the seed method
     python -m infer <command> --help
 """
 import sys
@@ -16,6 +17,7 @@ COMMANDS = {
     "plan": "infer.plan",
     "report": "infer.report",
     "kaggle": "infer.kaggle",
+    "bench": "infer.bench",
 }
 
 

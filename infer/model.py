@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from data.config import ConfigError, UserError, opt
+from infer import packing
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
@@ -89,7 +90,8 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device):
+def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False):
+    """The base with a fresh head; packed=True selects the padding-free attention (infer.packing)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     path = resolve_path(cfg.path)
@@ -108,7 +110,9 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device):
     if cfg.quantization != "none" or device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     attn = cfg.attn_implementation
-    if attn == "auto":
+    if packed:
+        attn = packing.register()
+    elif attn == "auto":
         model_type = AutoConfig.from_pretrained(path, local_files_only=True, **gguf).model_type
         attn = "eager" if model_type == "gemma2" else "sdpa"
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -131,7 +135,7 @@ def _no_cpu_repack(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _head_to_fp32(model: nn.Module) -> None:
+def head_to_fp32(model: nn.Module) -> None:
     # prepare_model_for_kbit_training already does this for quantised bases; doing it on every
     # path keeps train and inference heads numerically identical.
     for param in getattr(model, HEAD).parameters():
@@ -139,24 +143,76 @@ def _head_to_fp32(model: nn.Module) -> None:
 
 
 class PooledClassifier(nn.Module):
-    """Backbone -> hidden state of each row's last real token -> head; fp32 logits (batch, 3).
+    """Backbone -> hidden state of each row's last real token -> head; fp32 logits (rows, 3).
 
-    Rows are right-padded; the last real token is found from the attention mask, never from the
-    pad id (pad == EOS for Llama-3 and SmolLM2, so HF's pad-id pooling would skip the EOS).
-    The head runs on one vector per row instead of every position.
+    Two batch layouts, one function:
+    - padded: input_ids / attention_mask (rows, width), right-padded; the last real token comes
+      from the attention mask, never from the pad id (pad == EOS for Llama-3 and SmolLM2, so
+      HF's pad-id pooling would skip the EOS);
+    - packed: input_ids / position_ids (1, width) + seq_lens (infer.packing); needs a backbone
+      loaded with packed=True.
+    The head runs on one vector per row instead of every position. `model` is a PeftModel, or
+    the plain model once LoRA has been merged into it (merge_lora).
     """
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.peft = peft_model
+        self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        base = self.peft.get_base_model()
+    @property
+    def base(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.base
         backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        is_packed = base.config._attn_implementation == packing.ATTN
+        if (seq_lens is not None) != is_packed:
+            raise ValueError(
+                f"batch layout ({'packed' if seq_lens is not None else 'padded'}) does not match the backbone's "
+                f"attention ({base.config._attn_implementation}); load it with packed={seq_lens is not None}"
+            )
+        if is_packed:
+            masks = packing.block_masks(seq_lens, input_ids.shape[1], packing.sliding_windows(base.config))
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, block_masks=masks,
+                              use_cache=False).last_hidden_state[0]
+            pooled = hidden[packing.last_token_index(seq_lens)]
+        else:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            last = attention_mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return getattr(base, HEAD)(pooled.float()).float()
+
+
+def merge_lora(model: PooledClassifier) -> str:
+    """Fold LoRA into unquantised base weights (one matmul per projection instead of three).
+
+    Quantised bases keep LoRA unmerged: folding it into 4/8-bit weights would re-quantise and
+    change the function. Returns what was done, for the log.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model.model, PeftModel):
+        return "LoRA already merged"
+    if getattr(model.base, "is_loaded_in_4bit", False) or getattr(model.base, "is_loaded_in_8bit", False):
+        return "LoRA kept unmerged (quantised base)"
+    head = getattr(model.base, HEAD).modules_to_save.default.weight.detach().clone()
+    model.model = model.model.merge_and_unload()
+    if not torch.equal(getattr(model.base, HEAD).weight, head):
+        raise AdapterError("merging LoRA changed the classification head")
+    return "LoRA merged into the base weights"
+
+
+def compile_layers(model: PooledClassifier) -> None:
+    """torch.compile each decoder layer (static packed width: one graph per layer kind).
+
+    What pays is fusing the elementwise work between matmuls (RMSNorms in fp32, GeGLU/SwiGLU,
+    residuals, RoPE), which on a 9B model otherwise costs about a third of the matmul time.
+    """
+    backbone = getattr(model.base, model.base.base_model_prefix)
+    for layer in backbone.layers:
+        layer.compile(dynamic=False)
 
 
 def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device) -> PooledClassifier:
@@ -170,7 +226,7 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
         )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    _head_to_fp32(model)
+    head_to_fp32(model)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # puts the head in modules_to_save: trained and saved with the adapter
         r=cfg.lora_r,
@@ -210,8 +266,12 @@ def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
     return _find_head(*_read_adapter(adapter_dir))
 
 
-def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int) -> PooledClassifier:
-    """Base per `cfg` (precision may differ from training) + the run's adapter, verified."""
+def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int,
+                       packed: bool = False) -> PooledClassifier:
+    """Base per `cfg` (precision may differ from training) + the run's adapter, verified.
+
+    packed=True loads the padding-free attention (infer.packing) for packed batches.
+    """
     from peft import PeftModel, get_peft_model_state_dict
 
     adapter_dir = run_dir / "adapter"
@@ -223,8 +283,8 @@ def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pa
             f"{file}: head checksum {head_checksum(head)[:12]} differs from the manifest's {expected[:12]}: "
             "the adapter file was replaced or corrupted"
         )
-    model = load_base(cfg, pad_token_id, device)
-    _head_to_fp32(model)
+    model = load_base(cfg, pad_token_id, device, packed=packed)
+    head_to_fp32(model)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     loaded = get_peft_model_state_dict(peft_model)
     if set(saved) != set(loaded):

@@ -32,7 +32,8 @@ import yaml
 from data.config import ConfigError, cli_config, opt
 from data.io import read_competition_csv
 from infer.model import resolve_path
-from infer.predict import InferSettings, Run, load_run, make_batches, run_formatter
+from infer.predict import Run, load_run, run_formatter
+from infer.scoring import InferSettings, plan_batches
 
 DEFAULT_TABLE = Path(__file__).with_name("throughput.yaml")
 COUNTS = ("real", "padded")
@@ -125,24 +126,36 @@ def _tokenizer_key(run: Run) -> str:
     return digest.hexdigest() + json.dumps(dataclasses.asdict(run.format), sort_keys=True)
 
 
-def batch_widths(lengths: list[int], infer: InferSettings) -> list[int]:
-    """Per row: the width its batch is padded to (make_batches, as inference batches)."""
-    widths = [0] * len(lengths)
-    for batch in make_batches(lengths, infer.token_budget, infer.max_rows):
+def batch_widths(lengths: list[int], infer: InferSettings, layout: str) -> list[float]:
+    """Per row: the tokens computed for it, padding included (plan_batches, as inference batches).
+
+    Padded layout: the width of its batch. Packed: its length plus its share of the bin's tail.
+    """
+    widths = [0.0] * len(lengths)
+    batches, costs = plan_batches(lengths, infer, layout)
+    for batch, cost in zip(batches, costs):
+        real = sum(lengths[i] for i in batch)
         for i in batch:
-            widths[i] = lengths[batch[0]]
+            widths[i] = cost * lengths[i] / real if layout == "packed" else lengths[batch[0]]
     return widths
 
 
-def minutes(passes: list[list[int]], infer: InferSettings, rate: float, count: str) -> float:
+def minutes(passes: list[list[int]], infer: InferSettings, layout: str, rate: float, count: str) -> float:
     """Minutes to score one member: its passes are batched together, as score_run does."""
     lengths = [n for p in passes for n in p]
-    tokens = sum(batch_widths(lengths, infer)) if count == "padded" else sum(lengths)
+    tokens = sum(batch_widths(lengths, infer, layout)) if count == "padded" else sum(lengths)
     return tokens / rate / 60
 
 
+def target_layout(run: Run, hardware: str) -> str:
+    """The batch layout `infer predict` will use on `hardware` (auto: padded on T4 and CPU, else packed)."""
+    if run.infer.layout != "auto":
+        return run.infer.layout
+    return "padded" if hardware.startswith(("t4", "cpu")) else "packed"
+
+
 def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], float], budget_hours: float,
-         count: str = "real") -> tuple[pd.DataFrame, list[str]]:
+         count: str = "real", hardware: str = "t4x2") -> tuple[pd.DataFrame, list[str]]:
     """One row per member and pass (rows, tokens, padded tokens, tokens/s, minutes) and budget warnings."""
     if count not in COUNTS:
         raise ConfigError(f"count must be one of {COUNTS}, got {count!r}")
@@ -157,13 +170,15 @@ def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], floa
             known.update(zip(todo, row_lengths(run, df, todo)))
         passes = [known[s] for s in swaps]
         flat = [n for p in passes for n in p]
-        widths = batch_widths(flat, run.infer)
+        layout = target_layout(run, hardware)
+        widths = batch_widths(flat, run.infer, layout)
         for j, swap in enumerate(swaps):
             tokens, padded = sum(passes[j]), sum(widths[j * len(df) : (j + 1) * len(df)])
             rows.append({"member": member_name(run), "pass": "swap" if swap else "plain", "rows": len(df),
-                         "tokens": tokens, "padded_tokens": padded, "tokens_per_s": rate,
+                         "tokens": tokens, "padded_tokens": round(padded), "tokens_per_s": rate,
                          "minutes": (padded if count == "padded" else tokens) / rate / 60})
-        members.append({"run": run, "rate": rate, "passes": passes, "minutes": minutes(passes, run.infer, rate, count)})
+        members.append({"run": run, "rate": rate, "passes": passes, "layout": layout,
+                        "minutes": minutes(passes, run.infer, layout, rate, count)})
     table = pd.DataFrame(rows)
     return table, budget_warnings(members, budget_hours, count)
 
@@ -180,7 +195,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
 
     out = [f"WARN: estimated {total:.1f} min ({total / 60:.2f} h) exceeds budget_hours={budget_hours:g} ({budget:.0f} min)"]
     if any(len(m["passes"]) > 1 for m in members):
-        plain = sum(minutes(m["passes"][:1], m["run"].infer, m["rate"], count) for m in members)
+        plain = sum(minutes(m["passes"][:1], m["run"].infer, m["layout"], m["rate"], count) for m in members)
         out.append(f"  tta=false: {outcome(plain)}")
     capped, changes = 0.0, {}
     for m in members:
@@ -189,7 +204,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
         cap = max(8, math.ceil(np.percentile(m["passes"][0], 90)))
         if cap < limit:
             changes[f"{member_name(m['run'])} {limit} -> {cap}"] = None  # dict: a member listed twice is named once
-            capped += minutes([[min(n, cap) for n in p] for p in m["passes"]], m["run"].infer, m["rate"], count)
+            capped += minutes([[min(n, cap) for n in p] for p in m["passes"]], m["run"].infer, m["layout"], m["rate"], count)
         else:
             capped += m["minutes"]
     if changes:
@@ -230,11 +245,12 @@ def main(argv: list[str] | None = None) -> None:
             throughput_for(run)
     df, report = read_competition_csv(cfg.csv, labels=False)
     print(report.summary())
-    table, warnings = plan(runs, df, throughput_for, cfg.budget_hours, cfg.count)
+    table, warnings = plan(runs, df, throughput_for, cfg.budget_hours, cfg.count, cfg.hardware)
     if isinstance(throughput_for, ThroughputTable):
         source = [f"{name}: {text} from {throughput_for.path}" for name, text in throughput_for.used.items()]
     print("\n".join(source))
-    print(f"minutes = {cfg.count} tokens / tokens/s / 60; padded = rows x longest row of each inference batch")
+    print(f"minutes = {cfg.count} tokens / tokens/s / 60; padded = tokens computed including padding "
+          f"(rows x longest row per batch, or packed width per batch)")
     print(format_table(table))
     total = table["minutes"].sum()
     print("\n".join(warnings) if warnings else f"within budget: {total:.1f} of {cfg.budget_hours * 60:.0f} min")

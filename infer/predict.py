@@ -7,7 +7,9 @@ Usage:
 
 Rows are formatted by the run's own saved formatter settings and tokenizer, sorted by length,
 cut into token-budget batches, spread over N workers (one per GPU, or N CPU processes) by token
-count, and scored; swap TTA scores each row a second time with A and B exchanged. Everything is
+count, and scored. On Ampere or newer GPUs batches are packed (rows end to end, no padding,
+attention kept inside each row: infer/packing.py) and LoRA is merged into bf16/fp16 weights;
+on CPU and T4 rows are right-padded (layout=packed|padded overrides). Swap TTA scores each row a second time with A and B exchanged. Everything is
 merged by id (never by position): swapped probabilities are permuted back, TTA passes and runs
 are averaged, rows are renormalised to sum to 1. With winner columns present the log loss is
 printed; with `sample_submission` the output follows its id order and must cover the same ids.
@@ -22,23 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from data.config import ConfigError, UserError, cli_config, from_dict, opt, run_cli
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
-from infer.model import AdapterError, ModelConfig, check_base, load_for_inference, pick_device
-
-
-@dataclasses.dataclass
-class InferSettings:
-    """Saved in every run's config; `infer predict` uses them unless told otherwise."""
-
-    token_budget: int = opt(16384, "max padded tokens per batch (rows x longest row)")
-    max_rows: int = opt(64, "max rows per batch, whatever their length")
-    tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
-    workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
-    device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
+from infer.model import AdapterError, ModelConfig, check_base, pick_device
+from infer.packing import resolve_layout
+from infer.scoring import InferSettings, plan_batches, run_shares, split_batches
 
 
 @dataclasses.dataclass
@@ -52,7 +44,10 @@ class PredictConfig:
     tta: bool | None = opt(None, "swap TTA on/off; unset: as the run's config says")
     workers: int | None = opt(None, "worker count; unset: as the run's config says")
     token_budget: int | None = opt(None, "batch token budget; unset: as the run's config says")
-    max_rows: int | None = opt(None, "max rows per batch; unset: as the run's config says")
+    max_rows: int | None = opt(None, "max rows per batch (padded layout); unset: as the run's config says")
+    layout: str = opt("", "auto | packed | padded; empty: as the run's config says")
+    merge_lora: bool | None = opt(None, "merge LoRA into unquantised weights; unset: as the run's config says")
+    compile: bool | None = opt(None, "torch.compile the decoder layers; unset: as the run's config says")
     device: str = opt("", "auto | cpu | cuda; empty: as the run's config says")
     infer_max_length: int | None = opt(None, "max tokens per row at inference; unset: as the run's format config says")
     base_path: str = opt("", "base model folder to use instead of the one recorded in the run (e.g. on Kaggle)")
@@ -101,10 +96,11 @@ def load_run(path: Path, overrides: PredictConfig | None = None, need_base: bool
         model_changes = {k: getattr(overrides, k) for k in ("quantization", "compute_dtype") if getattr(overrides, k)}
         if overrides.base_path:
             model_changes["path"] = overrides.base_path
-        infer_keys = ("tta", "workers", "token_budget", "max_rows")
+        infer_keys = ("tta", "workers", "token_budget", "max_rows", "merge_lora", "compile")
         infer_changes = {k: getattr(overrides, k) for k in infer_keys if getattr(overrides, k) is not None}
-        if overrides.device:
-            infer_changes["device"] = overrides.device
+        for key in ("device", "layout"):
+            if getattr(overrides, key):
+                infer_changes[key] = getattr(overrides, key)
         try:
             if overrides.infer_max_length is not None:
                 run.format = dataclasses.replace(run.format, infer_max_length=overrides.infer_max_length)
@@ -115,57 +111,6 @@ def load_run(path: Path, overrides: PredictConfig | None = None, need_base: bool
     if need_base:
         check_base(run.model)
     return run
-
-
-def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest row stays within the budget."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def split_batches(batches: list[list[int]], lengths: list[int], n_workers: int) -> list[list[list[int]]]:
-    """Give each worker whole batches so their padded-token totals are as equal as possible."""
-    cost = [len(b) * lengths[b[0]] for b in batches]
-    shares: list[list[list[int]]] = [[] for _ in range(n_workers)]
-    load = [0] * n_workers
-    for j in sorted(range(len(batches)), key=lambda j: (-cost[j], j)):
-        w = load.index(min(load))
-        shares[w].append(batches[j])
-        load[w] += cost[j]
-    return shares
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask; pooling reads the mask, so pad id is irrelevant."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[r, : len(seq)] = 1
-    return ids, mask
-
-
-def _score_share(run_path: str, model_cfg: dict, device: str, batches: list[list[list[int]]], pad_id: int, rank: int, threads: int):
-    """Worker body: load the run once, score its batches, return float32 logits per batch."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    else:
-        torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
-    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev, pad_id)
-    out = []
-    with torch.inference_mode():
-        for seqs in tqdm(batches, desc=f"worker {rank} batches", position=rank, leave=False):
-            ids, mask = pad_batch(seqs, pad_id)
-            out.append(model(ids.to(dev), mask.to(dev)).cpu().numpy())
-    return out
 
 
 def run_formatter(run: Run) -> Formatter:
@@ -185,29 +130,17 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
         ids += df["id"].tolist()
         swaps += [swap] * len(df)
     lengths = list(map(len, seqs))
-    batches = make_batches(lengths, run.infer.token_budget, run.infer.max_rows)
     device = pick_device(run.infer.device)
+    layout = resolve_layout(run.infer.layout, device)
+    batches, costs = plan_batches(lengths, run.infer, layout)
     n_workers = run.infer.workers or (torch.cuda.device_count() if device.type == "cuda" else 1)
     if device.type == "cuda" and n_workers > torch.cuda.device_count():
         raise ConfigError(f"workers={n_workers} but only {torch.cuda.device_count()} GPU(s) are visible")
-    shares = [s for s in split_batches(batches, lengths, n_workers) if s]
-    devices = [f"cuda:{w}" if device.type == "cuda" else "cpu" for w in range(len(shares))]
-    threads = max(1, torch.get_num_threads() // len(shares))
-    jobs = [
-        (str(run.path), dataclasses.asdict(run.model), devices[w], [[seqs[i] for i in b] for b in share],
-         formatter.pad_id, w, threads)
-        for w, share in enumerate(shares)
-    ]
-    if len(jobs) == 1:
-        results = [_score_share(*jobs[0])]
-    else:
-        ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; CPU workers match it
-        with ctx.Pool(len(jobs)) as pool:
-            results = pool.starmap(_score_share, jobs)
-            pool.close()  # let workers exit cleanly; the context manager alone would terminate them
-            pool.join()
+    shares = [s for s in split_batches(batches, costs, n_workers) if s]
+    results = run_shares(run.path, run.model, run.infer, [[[seqs[i] for i in b] for b in share] for share in shares],
+                         formatter.pad_id, layout, device.type)
     logits = np.zeros((len(seqs), 3), dtype=np.float32)
-    for share, share_logits in zip(shares, results):
+    for share, (share_logits, _) in zip(shares, results):
         for batch, batch_logits in zip(share, share_logits):
             logits[batch] = batch_logits
     bad = ~np.isfinite(logits).all(axis=1)

@@ -113,6 +113,14 @@ def sample_folds(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_rows():
+    """The committed sample's train.csv as read_competition_csv returns it."""
+    from data.io import read_competition_csv
+
+    return read_competition_csv(SAMPLE / "train.csv")[0]
+
+
+@pytest.fixture(scope="session")
 def llama_run(tmp_path_factory, tiny_llama, sample_folds) -> Path:
     """A finished tiny 4-bit Llama run of fold 0 (trained once per test session); treat as read-only."""
     from train.__main__ import main as train_main

@@ -19,7 +19,8 @@ from data.folds import read_folds
 from data.formatter import FormatConfig, Formatter
 from data.io import LABEL_COLS, DataError, read_competition_csv
 from infer.plan import DEFAULT_TABLE, ThroughputTable, format_table, plan, read_run
-from infer.predict import log_loss, make_batches
+from infer.predict import log_loss
+from infer.scoring import make_batches
 from infer.report import fold_table, join_oof, position_bias, write_report
 from infer.report import main as report_main
 

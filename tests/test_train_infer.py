@@ -15,16 +15,13 @@ import torch
 from conftest import ENV, REPO, SAMPLE, train_args
 from data.config import build_config
 from data.formatter import Formatter
-from data.io import LABEL_COLS, DataError, read_competition_csv
+from data.io import LABEL_COLS, DataError
 from infer.model import AdapterError, build_for_training, load_for_inference, pick_device
-from infer.predict import load_run, pad_batch, predict_frame, run_formatter, score_run
+from infer.predict import load_run, predict_frame, run_formatter, score_run
+from infer.scoring import pad_batch
 from train.__main__ import main as train_main
 from train.config import TrainConfig
 from train.fold import encode_examples, save_run
-
-@pytest.fixture(scope="module")
-def sample_rows():
-    return read_competition_csv(SAMPLE / "train.csv")[0]
 
 
 def test_tiny_training_beats_class_prior(llama_run):
@@ -221,11 +218,12 @@ def test_runs_weigh_equally_with_or_without_tta(llama_run, tmp_path, sample_rows
 
 def test_non_finite_logits_are_refused(llama_run, sample_rows, monkeypatch):
     import infer.predict as predict
+    import infer.scoring as scoring
 
-    def nan_scores(run_path, model_cfg, device, batches, *rest):
-        return [np.full((len(b), 3), np.nan, dtype=np.float32) for b in batches]
+    def nan_scores(run_path, model_cfg, infer_cfg, device, batches, *rest):
+        return [np.full((len(b), 3), np.nan, dtype=np.float32) for b in batches], {}
 
-    monkeypatch.setattr(predict, "_score_share", nan_scores)
+    monkeypatch.setattr(scoring, "_score_share", nan_scores)
     with pytest.raises(predict.ScoringError, match="non-finite logits"):
         predict_frame([load_run(llama_run)], sample_rows.iloc[:3])
 

@@ -6,7 +6,7 @@ import dataclasses
 from data.config import opt
 from data.formatter import FormatConfig
 from infer.model import ModelConfig
-from infer.predict import InferSettings
+from infer.scoring import InferSettings
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_f
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, targets_by_id
 from infer.model import HEAD, adapter_head, build_for_training, check_base, head_checksum, load_tokenizer, pick_device
-from infer.predict import fold_metrics, load_run, pad_batch, predict_frame, write_predictions
+from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
+from infer.scoring import pad_batch
 from train.config import TrainConfig
 
 
@@ -151,7 +152,7 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
 
 def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict) -> None:
     """Write what inference needs: adapter (LoRA + head), tokenizer, resolved config, manifest."""
-    model.peft.save_pretrained(run_dir / "adapter")
+    model.model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "tokenizer")
     save_yaml(dataclasses.replace(cfg, fold=str(fold)), run_dir / "config.yaml")
     key, head = adapter_head(run_dir / "adapter")

