@@ -266,13 +266,37 @@ def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
     return _find_head(*_read_adapter(adapter_dir))
 
 
+def check_adapter_loaded(peft_model, saved: dict, source: Path) -> None:
+    """Every saved adapter tensor (LoRA + head) is in the model with exactly the saved value."""
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(peft_model)
+    if set(saved) != set(loaded):
+        raise AdapterError(
+            f"{source}: adapter keys do not match the model: missing {sorted(set(saved) - set(loaded))[:5]}, "
+            f"unexpected {sorted(set(loaded) - set(saved))[:5]} (wrong base model or LoRA targets?)"
+        )
+    for name, tensor in saved.items():
+        if not torch.equal(loaded[name].detach().cpu(), tensor.to(loaded[name].dtype)):
+            raise AdapterError(f"{source}: weight {name} did not load as saved")
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Load a saved adapter (e.g. a training checkpoint) into an existing PeftModel, verified."""
+    from peft import set_peft_model_state_dict
+
+    saved, _ = _read_adapter(adapter_dir)
+    set_peft_model_state_dict(peft_model, saved)
+    check_adapter_loaded(peft_model, saved, adapter_dir)
+
+
 def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int,
                        packed: bool = False) -> PooledClassifier:
     """Base per `cfg` (precision may differ from training) + the run's adapter, verified.
 
     packed=True loads the padding-free attention (infer.packing) for packed batches.
     """
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import PeftModel
 
     adapter_dir = run_dir / "adapter"
     saved, file = _read_adapter(adapter_dir)
@@ -286,14 +310,6 @@ def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pa
     model = load_base(cfg, pad_token_id, device, packed=packed)
     head_to_fp32(model)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    loaded = get_peft_model_state_dict(peft_model)
-    if set(saved) != set(loaded):
-        raise AdapterError(
-            f"{adapter_dir}: adapter keys do not match the model: missing {sorted(set(saved) - set(loaded))[:5]}, "
-            f"unexpected {sorted(set(loaded) - set(saved))[:5]} (wrong base model or LoRA targets?)"
-        )
-    for name, tensor in saved.items():
-        if not torch.equal(loaded[name].detach().cpu(), tensor.to(loaded[name].dtype)):
-            raise AdapterError(f"{adapter_dir}: weight {name} did not load as saved")
+    check_adapter_loaded(peft_model, saved, adapter_dir)
     print(f"{run_dir}: adapter and head loaded and verified (head sha256 {expected[:12]})")
     return PooledClassifier(peft_model).eval()

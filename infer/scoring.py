@@ -27,9 +27,9 @@ class InferSettings:
 
     token_budget: int = opt(16384, "tokens per batch: packed, every batch is exactly this wide; padded, rows x longest row <= this")
     max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
-    layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on Ampere+ GPUs, padded on CPU and T4")
+    layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
     merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
-    compile: bool = opt(True, "packed layout: torch.compile each decoder layer (once per worker, ~10-60 s, then faster)")
+    compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, ~3 min Gemma-2 on a cold cache)")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
     device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")

@@ -35,6 +35,7 @@ class TrainSettings:
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     logging_steps: int = opt(10, "log the training loss every N steps")
+    save_steps: int = opt(0, "checkpoint (adapter + optimizer + scheduler + RNG) every N optimizer steps for resume=auto; 0: none")
     report_to: str = opt("wandb", "wandb (offline unless WANDB_MODE says otherwise) | none | tensorboard")
     device: str = opt("auto", "auto (cuda:0 when there is a GPU) | cpu | cuda; several GPUs: launch with torchrun")
 
@@ -46,8 +47,13 @@ class TrainConfig:
     seed: int = opt(42, "seed for the head init, LoRA init, data order and dropout")
     output_dir: str = opt("runs", "parent folder of run folders")
     overwrite: bool = opt(False, "replace an existing finished run folder")
+    resume: str = opt("auto", "auto: an unfinished fold continues from its last checkpoint (train.save_steps) | never")
     data: DataSettings = dataclasses.field(default_factory=DataSettings)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
     train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
     infer: InferSettings = dataclasses.field(default_factory=InferSettings)
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"resume must be auto or never, got {self.resume!r}")

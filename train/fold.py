@@ -26,7 +26,8 @@ from data.config import ConfigError, save_yaml
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, targets_by_id
-from infer.model import HEAD, adapter_head, build_for_training, check_base, head_checksum, load_tokenizer, pick_device
+from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
+                         load_tokenizer, pick_device)
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
 from infer.scoring import pad_batch
 from train.config import TrainConfig
@@ -97,6 +98,14 @@ class PairTrainer(Trainer):
         loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         return (loss, logits) if return_outputs else loss
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Checkpoints hold the adapter (LoRA + head) only: the frozen base is already on disk, and
+        # Trainer's default for a non-PreTrainedModel would write all of it (GBs) every save_steps.
+        self.model.model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.model.model, Path(resume_from_checkpoint))
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -128,7 +137,9 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
         optim=t.optim,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=2,  # the newest may be cut short by a kill; the one before stays usable
         report_to=[] if t.report_to == "none" else [t.report_to],
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -169,6 +180,31 @@ def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Forma
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def _resume_key(cfg: TrainConfig, fold: int) -> str:
+    """What must not change between a killed run and its resumption: the resolved config."""
+    fixed = dataclasses.replace(cfg, fold=str(fold), overwrite=False, resume="auto")
+    return json.dumps(dataclasses.asdict(fixed), sort_keys=True, indent=1)
+
+
+def resume_point(cfg: TrainConfig, fold: int, run_dir: Path) -> Path | None:
+    """The last checkpoint of an unfinished run of the same config, or None to start afresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer_dir = run_dir / "trainer"
+    if cfg.resume != "auto" or cfg.overwrite or not trainer_dir.is_dir():
+        return None
+    last = get_last_checkpoint(str(trainer_dir))
+    if last is None:
+        return None
+    saved = trainer_dir / "config.json"
+    if not saved.is_file() or saved.read_text() != _resume_key(cfg, fold):
+        raise ConfigError(
+            f"{run_dir}: holds checkpoints of a run with a different config (see {saved}); "
+            "resume it with that config, or pass overwrite=true to start this one afresh"
+        )
+    return Path(last)
+
+
 def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
     """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer."""
     run_dir = run_dir_for(cfg, fold)
@@ -177,8 +213,11 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
         return json.loads((run_dir / "metrics.json").read_text())
     device = pick_device(cfg.train.device)
     args = training_args(cfg, run_dir, device)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    checkpoint = resume_point(cfg, fold, run_dir)
+    if checkpoint is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        (run_dir / "trainer").mkdir(parents=True)
+        (run_dir / "trainer" / "config.json").write_text(_resume_key(cfg, fold))
     set_seed(cfg.seed)
     train_df = pd.concat([df[df["fold"] != fold], extra], ignore_index=True)
     if cfg.data.max_train_rows:
@@ -199,7 +238,9 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     )
     start = time.time()
     print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}")
-    trainer.train()
+    if checkpoint is not None:
+        print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - start
     if "wandb" in cfg.train.report_to:
         import wandb
