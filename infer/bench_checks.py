@@ -15,9 +15,9 @@ import torch
 
 from infer import packing
 from infer.bench import REPO_TARGETS, BenchConfig, arch_config, random_lora, random_rows
-from infer.model import HEAD, NUM_LABELS, ModelConfig, PooledClassifier, head_to_fp32, head_checksum, load_base
+from infer.model import HEAD, ModelConfig, PooledClassifier, head_to_fp32, head_checksum, load_base
 from infer.predict import softmax
-from infer.scoring import InferSettings, plan_batches, prepare, run_shares, score_batches, split_batches
+from infer.scoring import InferSettings, plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
 
 
 def exact(cfg: BenchConfig) -> list[dict]:
@@ -56,10 +56,7 @@ def exact(cfg: BenchConfig) -> list[dict]:
             batches, _ = plan_batches(list(map(len, seqs)), InferSettings(token_budget=cfg.token_budget), layout)
             logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], formatter.pad_id, layout,
                                       cfg.token_budget, dev)
-            out = np.zeros((len(seqs), NUM_LABELS))
-            for b, part in zip(batches, logits):
-                out[b] = part
-            probs[name] = softmax(out)
+            probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
         for name in probs:
             if name == "plain":
                 continue
@@ -96,11 +93,7 @@ def scaling(cfg: BenchConfig, arch: str, workdir: Path) -> list[dict]:
     for n in (1, cfg.gpus):
         shares = split_batches(batches, costs, n)
         out = run_shares(run_dir, mcfg, infer, [[[rows[i] for i in b] for b in s] for s in shares], 0, "packed", "cuda")
-        merged = np.zeros((len(rows), NUM_LABELS), dtype=np.float32)
-        for share, (parts, _) in zip(shares, out):
-            for b, part in zip(share, parts):
-                merged[b] = part
-        logits[n] = merged
+        logits[n] = unbatch([b for s in shares for b in s], [p for parts, _ in out for p in parts], len(rows))
         stats = [s for _, s in out]
         rate = sum(s["steady_tokens"] for s in stats) / max(s["steady_s"] for s in stats)
         results.append({"model": arch, "gpus": n, "tokens_per_s": rate, "workers": stats})

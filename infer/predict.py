@@ -9,8 +9,8 @@ Rows are formatted by the run's own saved formatter settings and tokenizer, sort
 cut into token-budget batches, spread over N workers (one per GPU, or N CPU processes) by token
 count, and scored. On Ampere or newer GPUs batches are packed (rows end to end, no padding,
 attention kept inside each row: infer/packing.py) and LoRA is merged into bf16/fp16 weights;
-on CPU and T4 rows are right-padded (layout=packed|padded overrides). Swap TTA scores each row a second time with A and B exchanged. Everything is
-merged by id (never by position): swapped probabilities are permuted back, TTA passes and runs
+on CPU and T4 rows are right-padded (layout=packed|padded overrides). Swap TTA scores each
+row a second time with A and B exchanged. Everything is merged by id (never by position): swapped probabilities are permuted back, TTA passes and runs
 are averaged, rows are renormalised to sum to 1. With winner columns present the log loss is
 printed; with `sample_submission` the output follows its id order and must cover the same ids.
 """
@@ -30,7 +30,7 @@ from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
 from infer.model import AdapterError, ModelConfig, check_base, pick_device
 from infer.packing import resolve_layout
-from infer.scoring import InferSettings, plan_batches, run_shares, split_batches
+from infer.scoring import InferSettings, plan_batches, run_shares, split_batches, unbatch
 
 
 @dataclasses.dataclass
@@ -139,10 +139,7 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     shares = [s for s in split_batches(batches, costs, n_workers) if s]
     results = run_shares(run.path, run.model, run.infer, [[[seqs[i] for i in b] for b in share] for share in shares],
                          formatter.pad_id, layout, device.type)
-    logits = np.zeros((len(seqs), 3), dtype=np.float32)
-    for share, (share_logits, _) in zip(shares, results):
-        for batch, batch_logits in zip(share, share_logits):
-            logits[batch] = batch_logits
+    logits = unbatch([b for share in shares for b in share], [p for parts, _ in results for p in parts], len(seqs))
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise ScoringError(

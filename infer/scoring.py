@@ -128,6 +128,14 @@ def score_batches(model: PooledClassifier, batches: list[list[list[int]]], pad_i
     return [o.cpu().numpy() for o in out], stats
 
 
+def unbatch(batches: list[list[int]], parts: list[np.ndarray], n_rows: int) -> np.ndarray:
+    """Per-batch logits back in row order: (n_rows, 3) float32, row i from the batch that holds it."""
+    logits = np.zeros((n_rows, parts[0].shape[1] if parts else 3), dtype=np.float32)
+    for batch, part in zip(batches, parts):
+        logits[batch] = part
+    return logits
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
