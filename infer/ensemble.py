@@ -7,7 +7,8 @@ Usage:
 
 A member is a directory: `runs/<name>/` from `python -m train <cfg> fold=all` (its
 oof-seed<seed>.csv and fold<k>-seed<seed>/ run folders) or the output of `python -m train.length`
-(oof.csv + length_model.json). Every file is joined by id, never by position, and refused (naming
+(oof.csv + length_model.json). `runs/<name>@<seed>` picks another seed of a run directory than
+`seed=`, so seeds of one config can be ensembled (member name `<name>-seed<seed>`). Every file is joined by id, never by position, and refused (naming
 the ids) when ids are duplicated or differ from the labelled rows with a fold, or probabilities
 are NaN, negative or do not sum to 1.
 
@@ -45,7 +46,7 @@ RECIPE_VERSION = 1
 
 @dataclasses.dataclass
 class EnsembleConfig:
-    members: list[str] = opt([], "member directories: runs/<name> (fold=all output) or a train.length output")
+    members: list[str] = opt([], "member directories: runs/<name> (fold=all output; runs/<name>@<seed> for another seed) or a train.length output")
     labels: str = opt("", "competition CSV with winner columns (train.csv): the truth for the OOF rows")
     folds: str = opt("", "folds file (id,fold) the members were trained with; rows with fold >= 0 are the OOF rows")
     method: str = opt("logprob_avg", "prob_avg | logprob_avg (weights on the simplex) | stack (logistic stacker)")
@@ -218,8 +219,17 @@ def load_recipe(path: str | Path) -> dict:
     return recipe
 
 
-def read_member(path: Path, seed: int, folds: list[int]) -> tuple[dict, pd.DataFrame]:
+def parse_member(spec: str, seed: int) -> tuple[Path, int, str]:
+    """`dir` or `dir@seed` -> (directory, seed, member name)."""
+    head, sep, tail = spec.rpartition("@")
+    if sep and tail.isdigit():
+        return Path(head), int(tail), f"{Path(head).name}-seed{tail}"
+    return Path(spec), seed, Path(spec).name
+
+
+def read_member(spec: str, seed: int, folds: list[int]) -> tuple[dict, pd.DataFrame]:
     """(recipe member entry with paths relative to the member directory, OOF frame)."""
+    path, seed, name = parse_member(spec, seed)
     if (path / MODEL_FILE).is_file():
         entry, oof_file = {"name": path.name, "kind": "length", "model": MODEL_FILE}, path / "oof.csv"
     elif (path / f"oof-seed{seed}.csv").is_file():
@@ -227,7 +237,8 @@ def read_member(path: Path, seed: int, folds: list[int]) -> tuple[dict, pd.DataF
         absent = [r for r in runs if not (path / r).is_dir()]
         if absent:
             raise DataError(f"{path}: run folder(s) {absent} missing; the recipe needs one run per fold for test")
-        entry, oof_file = {"name": path.name, "kind": "runs", "runs": runs}, path / f"oof-seed{seed}.csv"
+        entry = {"name": name, "dir": path.name, "kind": "runs", "runs": runs}
+        oof_file = path / f"oof-seed{seed}.csv"
     else:
         raise DataError(f"{path}: not a member directory (neither {MODEL_FILE} nor oof-seed{seed}.csv; "
                         "run `python -m train <cfg> fold=all` or `python -m train.length` first)")
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report.summary())
     rows = attach_folds(rows, read_folds(cfg.folds), cfg.folds)
     folds = sorted(int(k) for k in set(rows["fold"]) if k >= 0)
-    entries, oofs = zip(*(read_member(Path(m), cfg.seed, folds) for m in cfg.members))
+    entries, oofs = zip(*(read_member(m, cfg.seed, folds) for m in cfg.members))
     names = [e["name"] for e in entries]
     clash = sorted({n for n in names if names.count(n) > 1 or n in RESERVED})
     if clash:

@@ -223,7 +223,7 @@ def test_cli(tmp_path):
     assert "nested CV" in done.stdout
     recipe = json.loads((tmp_path / "ens" / "recipe.json").read_text())
     assert list(recipe) == RECIPE_KEYS and recipe["method"] == "logprob_avg"
-    assert recipe["members"][0] == {"name": "good", "kind": "runs", "runs": [f"fold{k}-seed42" for k in range(K)]}
+    assert recipe["members"][0] == {"name": "good", "dir": "good", "kind": "runs", "runs": [f"fold{k}-seed42" for k in range(K)]}
     assert recipe["members"][2] == {"name": "length", "kind": "length", "model": "length_model.json"}
     assert len(recipe["weights"]) == 3 and recipe["stacker"] is None and recipe["temperature"] > 0
     assert set(recipe["oof_log_loss"]) == {"good", "bad", "length", "prior", "ensemble", "ensemble_nested"}
@@ -242,3 +242,18 @@ def test_cli(tmp_path):
     done = subprocess.run(cmd + args, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "id set differs" in done.stderr and str(bad["id"].iloc[0]) in done.stderr
+
+
+def test_member_at_seed_reads_that_seeds_runs(tmp_path):
+    from infer.ensemble import read_member
+
+    _, members, _ = synth()
+    member = tmp_path / "plain"
+    for seed, name in ((42, "good"), (7, "bad")):
+        for k in range(K):
+            (member / f"fold{k}-seed{seed}").mkdir(parents=True)
+        members[name].to_csv(member / f"oof-seed{seed}.csv", index=False)
+    entry, oof = read_member(f"{member}@7", 42, list(range(K)))
+    assert entry == {"name": "plain-seed7", "dir": "plain", "kind": "runs", "runs": [f"fold{k}-seed7" for k in range(K)]}
+    pd.testing.assert_frame_equal(oof, members["bad"])
+    assert read_member(str(member), 42, list(range(K)))[0]["name"] == "plain"

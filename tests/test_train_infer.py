@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ENV, REPO, SAMPLE, train_args
-from data.config import build_config
+from data.config import ConfigError, build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS, DataError
 from infer.model import AdapterError, build_for_training, load_for_inference, pick_device
@@ -136,7 +136,7 @@ def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path
     ids, mask = pad_batch(seqs, formatter.pad_id)
     with torch.inference_mode():
         before = model(ids, mask)
-    save_run(tmp_path, cfg, model, tiny_tokenizer, formatter, 0, {})
+    save_run(tmp_path, cfg, model, tiny_tokenizer, formatter, 0, {}, None)
     reloaded = load_for_inference(tmp_path, cfg.model, pick_device("cpu"), formatter.pad_id)
     with torch.inference_mode():
         after = reloaded(ids, mask)
@@ -244,3 +244,37 @@ def test_8bit_base_trains_and_scores(tmp_path, tiny_llama, sample_folds):
     run = tmp_path / "tiny-llama" / "fold3-seed42"
     assert load_run(run).model.quantization == "8bit"
     assert len(pd.read_csv(run / "oof.csv")) == json.loads((run / "metrics.json").read_text())["rows"]
+
+
+def test_init_from_starts_from_another_runs_adapter(llama_run, tiny_llama, sample_folds, tmp_path):
+    from safetensors.torch import load_file
+
+    # lr 0 for LoRA and head: the new run must end exactly where the pre-stage run ended.
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=1", "train.max_steps=2",
+                          "train.lr=0", f"train.init_from={llama_run}"))
+    run = tmp_path / "tiny-llama" / "fold1-seed42"
+    before = load_file(llama_run / "adapter" / "adapter_model.safetensors")
+    after = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    pre = json.loads((llama_run / "manifest.json").read_text())
+    assert json.loads((run / "manifest.json").read_text())["init_from"] == {"run": str(llama_run), "head_sha256": pre["head"]["sha256"]}
+
+
+def test_init_from_refuses_another_lora_shape(llama_run, tiny_llama, sample_folds, tmp_path):
+    with pytest.raises(ConfigError, match="does not fit this model's LoRA"):
+        train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=1", "train.max_steps=1",
+                              "model.lora_r=4", f"train.init_from={llama_run}"))
+
+
+def test_excluded_prompts_are_never_trained_on(tiny_llama, sample_folds, sample_rows, tmp_path):
+    from data.io import prompt_key
+
+    pd.read_csv(SAMPLE / "train.csv").iloc[:40].to_csv(tmp_path / "held.csv", index=False)
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=3", "train.max_steps=1",
+                          f"data.exclude_prompts_of=[{tmp_path / 'held.csv'}]"))
+    run = tmp_path / "tiny-llama" / "fold3-seed42"
+    folds = pd.read_csv(sample_folds).set_index("id")["fold"]
+    held = set(sample_rows["prompt"].iloc[:40].map(prompt_key))
+    training = sample_rows[(sample_rows["id"].map(folds) != 3) & ~sample_rows["prompt"].map(prompt_key).isin(held)]
+    assert json.loads((run / "manifest.json").read_text())["rows"]["train"] == len(training) < (folds != 3).sum()
+    assert set(pd.read_csv(run / "oof.csv")["id"]) == set(folds.index[folds == 3])  # held-out rows are all scored

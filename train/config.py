@@ -16,6 +16,9 @@ class DataSettings:
     extra_csv: list[str] = opt([], "extra labelled CSVs (same format) added to the training folds only")
     drop_bad_rows: bool = opt(False, "drop rows that fail validation (counted) instead of stopping")
     max_train_rows: int = opt(0, "use only the first N training rows after shuffling (0: all); for quick demos")
+    exclude_prompts_of: list[str] = opt(
+        [], "CSVs whose prompts must never be trained on (e.g. the evaluation set of a pre-stage): "
+        "training rows with one of their normalised prompts are dropped, counted")
 
 
 @dataclasses.dataclass
@@ -30,6 +33,8 @@ class TrainSettings:
     scheduler: str = opt("cosine", "transformers lr_scheduler_type (linear, cosine, constant, ...)")
     optim: str = opt("adamw_torch", "transformers optim name (adamw_torch, paged_adamw_8bit, ...)")
     max_grad_norm: float = opt(1.0, "gradient clipping")
+    init_from: str = opt("", "run folder (or its adapter/) whose LoRA + head start this training, e.g. a "
+                         "pre-stage on extra data; same base model and LoRA shape required")
     swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")
     soft_labels: bool = opt(False, "read winner columns as probabilities summing to 1 (pseudo-labels)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")

@@ -128,7 +128,7 @@ def collect_members(cfg: ExportConfig) -> tuple[dict, dict | None]:
         raise ExportError(f"{sorted(set(given) - set(names))} are not members of {cfg.recipe} (members: {names})")
     members = {}
     for m in recipe["members"]:
-        folder = given[m["name"]]["dir"] if m["name"] in given else root / m["name"]
+        folder = given[m["name"]]["dir"] if m["name"] in given else root / m.get("dir", m["name"])
         entry = {"kind": m["kind"], "dir": folder}
         entry.update({"runs": list(m["runs"])} if m["kind"] == "runs" else {"model": m["model"]})
         if m["kind"] == "length" and not (folder / m["model"]).is_file():

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from data.config import ConfigError, save_yaml
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
-from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, targets_by_id
+from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
 from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
                          load_tokenizer, pick_device)
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
@@ -49,6 +49,11 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not cfg.data.folds_csv:
         raise ConfigError(f"data.folds_csv is empty: write folds once with `python -m data.folds csv={cfg.data.train_csv} out=...`")
     df = attach_folds(df, read_folds(cfg.data.folds_csv), cfg.data.folds_csv)
+    excluded = excluded_prompts(cfg)
+    df["excluded"] = df["prompt"].map(prompt_key).isin(excluded)
+    if excluded:
+        print(f"data.exclude_prompts_of: {int(df['excluded'].sum())} row(s) share a prompt with those files; "
+              "they are never trained on (held out rows are still scored)")
     if not cfg.data.extra_csv:
         return df, df.iloc[:0]
     frames = []
@@ -61,8 +66,36 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(repeated):
         raise DataError(f"data.extra_csv: ids {sorted(set(repeated))[:20]} occur in more than one extra file")
     kept, stats = add_extra_training_rows(df, extra)
+    kept["excluded"] = kept["prompt"].map(prompt_key).isin(excluded)
+    stats["dropped_excluded_prompt"] = int(kept["excluded"].sum())
     print(f"extra training rows: {stats}")
-    return df, kept
+    return df, kept[~kept["excluded"]].reset_index(drop=True)
+
+
+def excluded_prompts(cfg: TrainConfig) -> set[str]:
+    keys: set[str] = set()
+    for path in cfg.data.exclude_prompts_of:
+        other, _ = read_competition_csv(path, labels=False)
+        keys |= set(other["prompt"].map(prompt_key))
+    return keys
+
+
+def init_from(model, cfg: TrainConfig) -> dict:
+    """Start LoRA + head from another run (a pre-stage); returns its provenance for the manifest."""
+    src = Path(cfg.train.init_from)
+    adapter = src if (src / "adapter_model.safetensors").is_file() else src / "adapter"
+    manifest_file = adapter.parent / "manifest.json"
+    if not manifest_file.is_file():
+        raise ConfigError(f"train.init_from={src}: not a run folder (no manifest.json next to {adapter})")
+    manifest = json.loads(manifest_file.read_text())
+    base = {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file}
+    if manifest["base_model"] != base:
+        raise ConfigError(f"train.init_from={src}: trained on base {manifest['base_model']}, this run uses {base}")
+    try:
+        load_adapter_weights(model.model, adapter)
+    except RuntimeError as err:  # tensor shapes differ: another LoRA rank or model size
+        raise ConfigError(f"train.init_from={src}: adapter does not fit this model's LoRA ({err})") from None
+    return {"run": str(src), "head_sha256": manifest["head"]["sha256"]}
 
 
 def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
@@ -161,7 +194,8 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     return args
 
 
-def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict) -> None:
+def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict,
+             origin: dict | None) -> None:
     """Write what inference needs: adapter (LoRA + head), tokenizer, resolved config, manifest."""
     model.model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -174,6 +208,7 @@ def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Forma
         "formatter": formatter.describe(),
         "head": {"key": key, "shape": list(head.shape), "sha256": head_checksum(head)},
         "base_model": {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file},
+        "init_from": origin,
         "rows": counts,
         "packages": {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
     }
@@ -219,7 +254,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
         (run_dir / "trainer").mkdir(parents=True)
         (run_dir / "trainer" / "config.json").write_text(_resume_key(cfg, fold))
     set_seed(cfg.seed)
-    train_df = pd.concat([df[df["fold"] != fold], extra], ignore_index=True)
+    train_df = pd.concat([df[(df["fold"] != fold) & ~df["excluded"]], extra], ignore_index=True)
     if cfg.data.max_train_rows:
         train_df = train_df.sample(frac=1.0, random_state=cfg.seed).head(cfg.data.max_train_rows)
     valid_df = df[df["fold"] == fold].reset_index(drop=True)
@@ -228,6 +263,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     formatter = Formatter(tokenizer, cfg.format)
     examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
     model = build_for_training(cfg.model, formatter.pad_id, device)
+    origin = init_from(model, cfg) if cfg.train.init_from else None
     trainer = PairTrainer(
         model=model,
         args=args,
@@ -249,7 +285,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
 
     n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
     counts = {"train": len(train_df), "extra": n_extra, "valid": len(valid_df), "sequences": len(examples)}
-    save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts)
+    save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts, origin)
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every number in README "Results on real human votes": MT-Bench human votes, 5 folds grouped by
+# question, SmolLM2-135M-Instruct. Each row is `python -m train` / `python -m infer` with overrides.
+# Usage (one GPU; the runs of a phase share it side by side):
+#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|combine|all
+# DATA_DIR holds mtbench_human.csv and alpacaeval_gpt4.csv.gz (../shared/data in this workspace).
+# PYTHON names the interpreter (default: python). A finished fold is reused when a phase is rerun.
+set -euo pipefail
+DATA=${1:?DATA_DIR}; RUNS=${2:?RUNS_DIR}; PHASE=${3:-all}; PY=${PYTHON:-python}
+MT=$DATA/mtbench_human.csv; AE=$DATA/alpacaeval_gpt4.csv.gz
+mkdir -p "$RUNS"
+[ -f "$RUNS/mtbench-folds.csv" ] || $PY -m data.folds csv="$MT" out="$RUNS/mtbench-folds.csv" group_col=question_id
+[ -d "$RUNS/length" ] || $PY -m train.length csv="$MT" folds="$RUNS/mtbench-folds.csv" out="$RUNS/length"
+
+MTB="data.train_csv=$MT data.folds_csv=$RUNS/mtbench-folds.csv output_dir=$RUNS fold=all"
+mt() {  # mt NAME SEED overrides...: one 5-fold MT-Bench run in the background, log in RUNS/NAME-seedS.log
+  local name=$1 seed=$2; shift 2
+  $PY -m train configs/smollm2-mtbench.yaml name="$name" seed="$seed" $MTB "$@" > "$RUNS/$name-seed$seed.log" 2>&1 &
+}
+
+case $PHASE in plain|all)
+  mt plain 42
+  mt plain 7
+  # the seed notebook's choices: LoRA on q/k/v only, head at the LoRA learning rate, keep the start
+  mt naive 42 model.lora_targets=q_proj,k_proj,v_proj train.head_lr=0 format.truncation=head train.warmup=0.05
+  wait ;; esac
+case $PHASE in ablate|all)
+  mt plain-noswap 42 train.swap_aug=false
+  mt plain-len512 42 format.max_length=512
+  wait ;; esac
+case $PHASE in prestage|all)
+  # AlpacaEval (GPT-4 judge) pre-stage, then the MT-Bench folds start from it (train.init_from)
+  [ -f "$RUNS/alpaca-folds.csv" ] || $PY -m data.folds csv="$AE" out="$RUNS/alpaca-folds.csv" n_folds=20
+  $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" \
+    data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" > "$RUNS/alpaca-seed42.log" 2>&1
+  mt prestaged 42 train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+  wait ;; esac
+case $PHASE in combine|all)  # CPU: stacking on the length model, nested over the folds, and the report
+  for s in 42 7; do
+    $PY -m infer ensemble members="$RUNS/plain@$s,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
+      method=stack out="$RUNS/stack-seed$s"
+  done
+  $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/plain@7" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
+    method=logprob_avg out="$RUNS/seeds"
+  $PY -m infer report oof="$RUNS/stack-seed42/oof.csv,$RUNS/plain/oof-seed42.csv,$RUNS/length/oof.csv" labels="$MT" \
+    folds="$RUNS/mtbench-folds.csv" out=docs/mtbench passes="$RUNS/plain/fold*-seed42/oof_passes.csv" ;; esac
+grep -h "^  all" "$RUNS"/*.log || true
