@@ -1,5 +1,8 @@
-"""The benchmark's CPU-checkable parts: its inputs, and the exactness comparison on a tiny model."""
+"""The benchmarks' CPU-checkable parts: inference bench inputs and exactness on a tiny model, and
+every training-bench variant on a tiny model (every row trained once, real tokens counted)."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -23,3 +26,18 @@ def test_exactness_report_on_a_tiny_model(tiny_llama):
     assert ("packed, merged", "packed, unmerged") in paths and ("packed, merged, compiled", "plain") in paths
     for r in results:  # fp32: every fast path computes the plain forward's function
         assert r["rows"] == 16 and r["max_abs"] < 1e-5, r
+
+
+def test_training_bench_runs_every_variant_on_a_tiny_model(tmp_path):
+    from infer.bench import random_rows
+    from train.bench import main as train_bench_main
+
+    train_bench_main([f"out={tmp_path}", "models=tiny", "max_lengths=64", "steps=4", "warmup=1", "device=cpu",
+                      "batch_size=2", "grad_accum=2"])
+    results = json.loads((tmp_path / "bench-train.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["seed", "repo-qkv", "repo", "repo-bf16"]
+    every_row = sum(map(len, random_rows(16, 64, 1000)))  # 4 steps x 2 x 2 rows, each trained once
+    for r in results:
+        assert "error" not in r, r
+        assert r["steps"] == 4 and r["tokens_trained"] == every_row and r["tokens_per_s"] > 0
+    assert results[0]["vs_seed"] == 1.0

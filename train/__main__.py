@@ -3,12 +3,15 @@
 Usage:
     python -m train configs/gemma2-9b-qlora.yaml fold=0
     python -m train configs/gemma2-9b-qlora.yaml fold=all seed=7 train.lr=1e-4
+    torchrun --nproc_per_node=2 -m train configs/gemma2-9b-qlora.yaml fold=all    # DDP, one GPU per process
     python -m train --help
 
 Each fold trains on the other folds (plus `data.extra_csv` rows), saves a self-contained run
 folder, and scores its held-out rows with `infer` (the code the submission uses): oof.csv and
 the fold's log loss land in the run folder. `fold=all` runs every fold and prints the CV table
 (per fold and overall OOF log loss, next to the class prior of the training folds).
+Under torchrun every process trains on its share of each step's rows (train.batch_size is per
+process) and rank 0 alone writes the run folder, the OOF file and the CV summary.
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from data.config import cli_config, run_cli, split_argv
 from data.io import LABEL_COLS, targets_by_id
 from infer.predict import cv_table, log_loss, write_predictions
 from train.config import TrainConfig
+from train.distributed import dist_rank
 from train.fold import load_rows, run_dir_for, train_fold
 
 
@@ -55,12 +60,17 @@ def main(argv: list[str] | None = None) -> None:
         todo = [int(cfg.fold)]
     else:
         raise SystemExit(f"config error: fold={cfg.fold!r} is neither `all` nor one of {folds}")
+    rank, _ = dist_rank()
     results = []
     for fold in todo:
         metrics = train_fold(cfg, fold, df, extra)
-        print(f"fold {fold}: log loss {metrics['log_loss']:.4f} (class prior {metrics['prior_log_loss']:.4f})")
+        if rank == 0:
+            print(f"fold {fold}: log loss {metrics['log_loss']:.4f} (class prior {metrics['prior_log_loss']:.4f})")
         results.append(metrics)
-    print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_summary(cfg, results, df))
+    if rank == 0:
+        print("\nCV (OOF log loss vs class prior of the training folds)\n" + cv_summary(cfg, results, df))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class TrainSettings:
     logging_steps: int = opt(10, "log the training loss every N steps")
     save_steps: int = opt(0, "checkpoint (adapter + optimizer + scheduler + RNG) every N optimizer steps for resume=auto; 0: none")
     report_to: str = opt("wandb", "wandb (offline unless WANDB_MODE says otherwise) | none | tensorboard")
-    device: str = opt("auto", "auto (cuda:0 when there is a GPU) | cpu | cuda; several GPUs: launch with torchrun")
+    device: str = opt("auto", "auto (cuda:0 when there is a GPU; cuda:LOCAL_RANK under torchrun) | cpu | cuda; several GPUs: launch with torchrun")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ from infer.model import (HEAD, adapter_head, build_for_training, check_base, hea
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
 from infer.scoring import pad_batch
 from train.config import TrainConfig
+from train.distributed import barrier, dist_rank
+from train.prestage import excluded_prompts, init_from
 
 
 def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
@@ -70,32 +72,6 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     stats["dropped_excluded_prompt"] = int(kept["excluded"].sum())
     print(f"extra training rows: {stats}")
     return df, kept[~kept["excluded"]].reset_index(drop=True)
-
-
-def excluded_prompts(cfg: TrainConfig) -> set[str]:
-    keys: set[str] = set()
-    for path in cfg.data.exclude_prompts_of:
-        other, _ = read_competition_csv(path, labels=False)
-        keys |= set(other["prompt"].map(prompt_key))
-    return keys
-
-
-def init_from(model, cfg: TrainConfig) -> dict:
-    """Start LoRA + head from another run (a pre-stage); returns its provenance for the manifest."""
-    src = Path(cfg.train.init_from)
-    adapter = src if (src / "adapter_model.safetensors").is_file() else src / "adapter"
-    manifest_file = adapter.parent / "manifest.json"
-    if not manifest_file.is_file():
-        raise ConfigError(f"train.init_from={src}: not a run folder (no manifest.json next to {adapter})")
-    manifest = json.loads(manifest_file.read_text())
-    base = {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file}
-    if manifest["base_model"] != base:
-        raise ConfigError(f"train.init_from={src}: trained on base {manifest['base_model']}, this run uses {base}")
-    try:
-        load_adapter_weights(model.model, adapter)
-    except RuntimeError as err:  # tensor shapes differ: another LoRA rank or model size
-        raise ConfigError(f"train.init_from={src}: adapter does not fit this model's LoRA ({err})") from None
-    return {"run": str(src), "head_sha256": manifest["head"]["sha256"]}
 
 
 def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
@@ -182,6 +158,8 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
         remove_unused_columns=False,
         label_names=["target"],
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable tensor (LoRA, head) gets a gradient each step
+        ddp_timeout=4 * 3600,  # the other ranks wait while rank 0 scores the held-out fold
     )
     try:
         args = TrainingArguments(**kwargs)
@@ -246,13 +224,17 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     if (run_dir / "metrics.json").exists() and not cfg.overwrite:
         print(f"fold {fold}: {run_dir} is finished, reusing it (overwrite=true retrains)")
         return json.loads((run_dir / "metrics.json").read_text())
+    rank, world = dist_rank()
     device = pick_device(cfg.train.device)
-    args = training_args(cfg, run_dir, device)
+    if world > 1 and device.type == "cuda":  # DDP: one GPU per process, each with its own (4-bit) base
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    args = training_args(cfg, run_dir, device)  # under torchrun this joins the process group
     checkpoint = resume_point(cfg, fold, run_dir)
-    if checkpoint is None:
+    if checkpoint is None and rank == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
         (run_dir / "trainer").mkdir(parents=True)
         (run_dir / "trainer" / "config.json").write_text(_resume_key(cfg, fold))
+    barrier()
     set_seed(cfg.seed)
     train_df = pd.concat([df[(df["fold"] != fold) & ~df["excluded"]], extra], ignore_index=True)
     if cfg.data.max_train_rows:
@@ -273,24 +255,31 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
         label_smoothing=cfg.train.label_smoothing,
     )
     start = time.time()
-    print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}")
-    if checkpoint is not None:
-        print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
+    if rank == 0:
+        print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}"
+              + (f", data-parallel over {world} processes" if world > 1 else ""))
+        if checkpoint is not None:
+            print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - start
-    if "wandb" in cfg.train.report_to:
-        import wandb
+    if world > 1:
+        print(f"fold {fold}: rank {rank}/{world} done, {trainer.state.global_step} optimizer steps")
+    if rank == 0:
+        if "wandb" in cfg.train.report_to:
+            import wandb
 
-        wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
-
-    n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
-    counts = {"train": len(train_df), "extra": n_extra, "valid": len(valid_df), "sequences": len(examples)}
-    save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts, origin)
-    shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+            wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
+        n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
+        counts = {"train": len(train_df), "extra": n_extra, "valid": len(valid_df), "sequences": len(examples)}
+        save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts, origin)
+        shutil.rmtree(run_dir / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # scoring below may use every GPU, this rank's included
+    if rank != 0:  # rank 0 alone scores the held-out fold and writes the OOF file, once
+        barrier()
+        return json.loads((run_dir / "metrics.json").read_text())
 
     passes: list[pd.DataFrame] = []
     oof = predict_frame([load_run(run_dir)], valid_df, passes)
@@ -304,4 +293,5 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["metrics"] = metrics
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    barrier()
     return metrics

@@ -1,0 +1,229 @@
+"""Training benchmark: the seed notebook's QLoRA recipe against `python -m train`'s own code path.
+
+Usage:
+    python -m train.bench out=bench-out                                 # gemma2 + llama, max_length 1024 and 2048
+    python -m train.bench out=bench-out models=gemma2 max_lengths=1024 steps=40 variants=seed,repo
+
+Models: Gemma-2-9B / Llama-3-8B built from their real configs with random weights, saved once to
+`workdir` and reloaded the way a real base is (4-bit NF4 through bitsandbytes, or bf16). Rows:
+random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length);
+every variant trains on the same rows in the same order for `steps` optimizer steps.
+Variants:
+  seed       NF4 base (double quant), LoRA r16 a32 on q/k/v, transformers Trainer with the model's
+             own loss, batch 4 x accumulation 2, padding to the longest, gradient checkpointing,
+             eager attention (the seed notebook);
+  repo-qkv   train.fold's model factory, PairTrainer and collator (what `python -m train` runs),
+             same LoRA targets and rank as the seed;
+  repo       the same with the repo's default targets (q/k/v/o/gate);
+  repo-bf16  repo with an unquantised bf16 base (more memory).
+Tokens/s counts real tokens (padding excluded) of the steps after the first `warmup` ones.
+Prints a table last and writes bench-train.json under out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.config import ConfigError, cli_config, opt, run_cli
+from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows
+from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
+from infer.scoring import pad_batch
+
+FOLD_ROWS = 46_000
+VARIANTS = ("seed", "repo-qkv", "repo", "repo-bf16")
+
+
+@dataclasses.dataclass
+class TrainBenchConfig:
+    out: str = opt("", "output folder for bench-train.json (required)")
+    models: list[str] = opt(["gemma2", "llama"], "gemma2 (9B) | llama (Llama-3 8B) | tiny (a 2-layer Llama, for tests)")
+    max_lengths: list[int] = opt([1024, 2048], "row length cut")
+    variants: list[str] = opt(list(VARIANTS), "which rows of the table to run: " + " | ".join(VARIANTS))
+    steps: int = opt(40, "optimizer steps per variant")
+    warmup: int = opt(5, "first steps left out of the timing (allocation, autotuning)")
+    batch_size: int = opt(4, "rows per micro-batch (the seed's 4)")
+    grad_accum: int = opt(2, "micro-batches per optimizer step (the seed's 2)")
+    workdir: str = opt("", "scratch folder for the saved random bases (18 GB each); empty: a temp folder")
+    device: str = opt("cuda", "cuda | cpu (cpu: the tests, on models=tiny)")
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, num_labels=NUM_LABELS, pad_token_id=0, max_position_embeddings=4096)
+
+
+class Counted:
+    """Wraps a collator and records the real (unpadded) tokens of every micro-batch it builds, in order."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, []
+
+    def __call__(self, examples):
+        self.tokens.append(sum(len(e["input_ids"]) for e in examples))
+        return self.collate(examples)
+
+
+def seed_collate(examples):
+    ids, mask = pad_batch([e["input_ids"] for e in examples], 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def step_clock(device: torch.device):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.times.append(time.perf_counter())
+
+    return Clock()
+
+
+def seed_model(base_dir: Path, device: torch.device):
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, num_labels=NUM_LABELS, quantization_config=nf4, attn_implementation="eager",
+        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": True})  # the seed's default
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.05,
+                                            target_modules=SEED_TARGETS))
+
+
+def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainBenchConfig, device: torch.device) -> dict:
+    from transformers import Trainer
+
+    from train.config import TrainConfig, TrainSettings
+    from train.fold import Collator, PairTrainer, training_args
+
+    on_gpu = device.type == "cuda"
+    dtype = "bfloat16" if on_gpu else "float32"
+    settings = TrainSettings(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.steps, warmup=0,
+                             logging_steps=10**6, report_to="none", device=str(device))
+    labels = np.random.default_rng(1).integers(0, NUM_LABELS, len(rows))
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if variant == "seed":
+        model = seed_model(base_dir, device)
+        mcfg = ModelConfig(path=str(base_dir), compute_dtype=dtype)
+        args = training_args(TrainConfig(model=mcfg, train=settings), base_dir.parent / "run", device)
+        data, collate = [{"input_ids": r, "label": int(y)} for r, y in zip(rows, labels)], Counted(seed_collate)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    else:
+        targets = SEED_TARGETS if variant == "repo-qkv" else ModelConfig().lora_targets
+        quant = "none" if variant == "repo-bf16" else "4bit"
+        mcfg = ModelConfig(path=str(base_dir), quantization=quant, compute_dtype=dtype, lora_targets=list(targets))
+        model = build_for_training(mcfg, 0, device)
+        args = training_args(TrainConfig(model=mcfg, train=settings), base_dir.parent / "run", device)
+        targets_1hot = np.eye(NUM_LABELS, dtype=np.float32)[labels]
+        data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0))
+        trainer = PairTrainer(model=model, args=args, train_dataset=data, data_collator=collate, head_lr=0.0, label_smoothing=0.0)
+    clock = step_clock(device)
+    trainer.add_callback(clock)
+    trainer.train()
+    steps = len(clock.times)
+    micro = [sum(collate.tokens[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]) for k in range(steps)]
+    tokens = sum(micro[cfg.warmup + 1:])
+    seconds = clock.times[-1] - clock.times[cfg.warmup]
+    rows_per_s = (steps - cfg.warmup - 1) * cfg.batch_size * cfg.grad_accum / seconds
+    result = {"variant": variant, "steps": steps, "tokens_trained": sum(micro), "tokens_per_s": tokens / seconds,
+              "s_per_1000_rows": 1000 / rows_per_s,
+              "fold_hours": FOLD_ROWS / rows_per_s / 3600,
+              "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else float("nan")}
+    del trainer, model
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    print(f"  {variant}: {result['tokens_per_s']:,.0f} tokens/s, {result['s_per_1000_rows']:.1f} s/1000 rows, "
+          f"peak {result['peak_gb']:.1f} GB")
+    return result
+
+
+def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.device) -> list[dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config() if arch == "tiny" else arch_config(arch)
+    base_dir = workdir / arch / "base"
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    params = non_embedding_params(base)
+    base.save_pretrained(base_dir)
+    del base
+    gc.collect()
+    results = []
+    n_rows = cfg.steps * cfg.batch_size * cfg.grad_accum
+    for max_length in cfg.max_lengths:
+        rows = random_rows(n_rows, max_length, config.vocab_size)
+        print(f"{arch} max_length {max_length}: {params / 1e9:.2f} B non-embedding parameters, {n_rows} rows")
+        for variant in cfg.variants:
+            try:
+                result = run_variant(variant, base_dir, rows, cfg, device)
+            except Exception as err:  # one failing variant must not lose the others' numbers
+                print(f"  {variant}: FAILED {type(err).__name__}: {err}")
+                result = {"variant": variant, "error": f"{type(err).__name__}: {str(err)[:500]}"}
+            results.append({"model": arch, "max_length": max_length, **result})
+            (Path(cfg.out) / "bench-train.partial.json").write_text(json.dumps(results, indent=1))
+    shutil.rmtree(workdir / arch, ignore_errors=True)
+    for r in results:
+        base_rate = next((b.get("tokens_per_s") for b in results if b["variant"] == "seed" and b["max_length"] == r["max_length"]), None)
+        if "tokens_per_s" in r and base_rate:
+            r["vs_seed"] = r["tokens_per_s"] / base_rate
+    return results
+
+
+def table(results: list[dict], device: str) -> str:
+    lines = [device, f"{'model':<7} {'len':>5} {'variant':<10} {'tok/s':>8} {'s/1k rows':>10} {'peak GB':>8} {'h/46k fold':>11} {'x seed':>7}"]
+    for r in results:
+        head = f"{r['model']:<7} {r['max_length']:>5} {r['variant']:<10}"
+        if "error" in r:
+            lines.append(f"{head} FAILED: {r['error'][:80]}")
+            continue
+        vs = f"{r['vs_seed']:.2f}" if r.get("vs_seed") else "-"
+        lines.append(f"{head} {r['tokens_per_s']:>8,.0f} {r['s_per_1000_rows']:>10.1f} {r['peak_gb']:>8.1f} "
+                     f"{r['fold_hours']:>11.2f} {vs:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(TrainBenchConfig, __doc__, argv)
+    if not cfg.out:
+        raise ConfigError("out= is required: the folder for the JSON results")
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown or cfg.steps <= cfg.warmup + 1:
+        raise ConfigError(f"variants must be among {list(VARIANTS)} (unknown: {sorted(unknown)}), steps > warmup + 1")
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    name += f", torch {torch.__version__}"
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="arena-train-bench-"))
+    results = [r for arch in cfg.models for r in bench_model(arch, cfg, workdir, device)]
+    (out / "bench-train.json").write_text(json.dumps({"device": name, "config": dataclasses.asdict(cfg), "results": results}, indent=1))
+    print("\n" + table(results, name))
+
+
+if __name__ == "__main__":
+    run_cli(main)
