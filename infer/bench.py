@@ -246,19 +246,24 @@ def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dic
     return results
 
 
-def speed_table(results: list[dict], device: str, peak: float) -> str:
-    lines = [f"{device}; bf16 matmul {peak:.0f} TFLOP/s (8192^3, median of 20)",
-             f"{'model':<7} {'len':>5} {'variant':<68} {'tok/s':>8} {'rows/s':>7} {'TFLOP/s':>8} {'%peak':>6} "
-             f"{'min/25k':>8} {'+TTA':>7} {'peak GB':>8} {'x base':>7}"]
+def result_table(results: list[dict], columns: list[tuple[str, str, int, str]], variant_width: int) -> str:
+    """One line per result: model, length, variant, then (title, key, width, format) columns; '-' where missing."""
+    lines = [f"{'model':<7} {'len':>5} {'variant':<{variant_width}} " + " ".join(f"{t:>{w}}" for t, _, w, _ in columns)]
     for r in results:
-        head = f"{r['model']:<7} {r['max_length']:>5} {r['variant']:<68}"
+        head = f"{r['model']:<7} {r['max_length']:>5} {r['variant']:<{variant_width}}"
         if "error" in r:
             lines.append(f"{head} FAILED: {r['error'][:80]}")
             continue
-        vs = f"{r['vs_baseline']:.2f}" if r.get("vs_baseline") else "-"
-        lines.append(f"{head} {r['tokens_per_s']:>8,.0f} {r['rows_per_s']:>7.1f} {r['tflops']:>8.0f} {r['pct_bf16_peak']:>6.1f} "
-                     f"{r['minutes_25k']:>8.1f} {r['minutes_25k_tta']:>7.1f} {r['peak_gb']:>8.1f} {vs:>7}")
+        cells = (format(r[key], fmt) if r.get(key) is not None else "-" for _, key, _, fmt in columns)
+        lines.append(head + " " + " ".join(f"{c:>{w}}" for c, (_, _, w, _) in zip(cells, columns)))
     return "\n".join(lines)
+
+
+def speed_table(results: list[dict], device: str, peak: float) -> str:
+    columns = [("tok/s", "tokens_per_s", 8, ",.0f"), ("rows/s", "rows_per_s", 7, ".1f"), ("TFLOP/s", "tflops", 8, ".0f"),
+               ("%peak", "pct_bf16_peak", 6, ".1f"), ("min/25k", "minutes_25k", 8, ".1f"), ("+TTA", "minutes_25k_tta", 7, ".1f"),
+               ("peak GB", "peak_gb", 8, ".1f"), ("x base", "vs_baseline", 7, ".2f")]
+    return f"{device}; bf16 matmul {peak:.0f} TFLOP/s (8192^3, median of 20)\n" + result_table(results, columns, 68)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data.config import ConfigError, cli_config, opt, run_cli
-from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows
+from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows, result_table
 from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
 from infer.scoring import pad_batch
 
@@ -193,16 +193,9 @@ def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.d
 
 
 def table(results: list[dict], device: str) -> str:
-    lines = [device, f"{'model':<7} {'len':>5} {'variant':<10} {'tok/s':>8} {'s/1k rows':>10} {'peak GB':>8} {'h/46k fold':>11} {'x seed':>7}"]
-    for r in results:
-        head = f"{r['model']:<7} {r['max_length']:>5} {r['variant']:<10}"
-        if "error" in r:
-            lines.append(f"{head} FAILED: {r['error'][:80]}")
-            continue
-        vs = f"{r['vs_seed']:.2f}" if r.get("vs_seed") else "-"
-        lines.append(f"{head} {r['tokens_per_s']:>8,.0f} {r['s_per_1000_rows']:>10.1f} {r['peak_gb']:>8.1f} "
-                     f"{r['fold_hours']:>11.2f} {vs:>7}")
-    return "\n".join(lines)
+    columns = [("tok/s", "tokens_per_s", 8, ",.0f"), ("s/1k rows", "s_per_1000_rows", 10, ".1f"), ("peak GB", "peak_gb", 8, ".1f"),
+               ("h/46k fold", "fold_hours", 11, ".2f"), ("x seed", "vs_seed", 7, ".2f")]
+    return device + "\n" + result_table(results, columns, 10)
 
 
 def main(argv: list[str] | None = None) -> None:
