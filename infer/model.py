@@ -215,10 +215,11 @@ def compile_layers(model: PooledClassifier) -> None:
         layer.compile(dynamic=False)
 
 
-def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device) -> PooledClassifier:
+def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False) -> PooledClassifier:
+    """Base + LoRA + head, trainable; packed=True takes padding-free batches (infer.packing)."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(cfg, pad_token_id, device)
+    model = load_base(cfg, pad_token_id, device, packed=packed)
     ckpt_kwargs = {"use_reentrant": False}
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(

@@ -7,13 +7,14 @@ its own row (on Gemma-2's sliding layers also only within the window), and Gemma
 soft-capping is applied as a score_mod. The function computed is therefore the eager one, and the
 FLOPs are spent on real tokens only: block-sparse attention skips the blocks between rows.
 
-The backbone runs with the attention implementation registered here as ATTN; every batch is
-padded to the same width so that the compiled attention kernel is built once per process.
+The backbone runs with the attention implementation registered here as ATTN. Inference pads
+every batch to the same width, so the compiled attention kernel is built once per process;
+training (train.layout=packed) rounds each micro-batch's width up to a multiple of 256. Off CUDA
+the same function runs eagerly on dense masks (flex attention has no CPU backward).
 """
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
@@ -108,15 +109,23 @@ def _create_block_mask(doc: torch.Tensor, window: int):
     return create_block_mask(same_row_causal, None, None, width, width, device=doc.device)
 
 
+def _dense_mask(doc: torch.Tensor, window: int) -> torch.Tensor:
+    q, kv = torch.arange(doc.shape[0]).unsqueeze(1), torch.arange(doc.shape[0]).unsqueeze(0)
+    mask = (doc.unsqueeze(1) == doc.unsqueeze(0)) & (q >= kv)
+    return mask & (q - kv < window) if window else mask
+
+
 def block_masks(seq_lens: torch.Tensor, width: int, windows: set[int]) -> dict[int, object]:
     """{0: row-causal mask, w: row-causal mask limited to a window of w} for each sliding window w.
 
     A window at least as wide as the batch cannot cut anything, so it maps to the full mask.
     The padded tail is one more "row" that attends only to itself and is never read.
+    On CUDA the masks are flex-attention BlockMasks; elsewhere dense (width, width) booleans for
+    the eager attention below (flex has no CPU backward, and CPU batches are small).
     """
     doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)
     doc = torch.cat([doc, torch.full((width - doc.shape[0],), len(seq_lens), device=doc.device)])
-    build = _compiled_create_block_mask() if doc.is_cuda else _create_block_mask
+    build = _compiled_create_block_mask() if doc.is_cuda else _dense_mask
     masks = {0: build(doc, 0)}
     for w in windows:
         masks[w] = build(doc, w) if w < width else masks[0]
@@ -149,6 +158,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, so
     if dropout:
         raise ConfigError("packed attention has no attention dropout; set the model's attention_dropout to 0")
     mask = block_masks[sliding_window or 0]
+    if isinstance(mask, torch.Tensor):
+        return _eager_attention(query, key, value, mask, scaling, softcap), None
 
     def soft_cap(score, b, h, q, kv):
         return softcap * torch.tanh(score / softcap)
@@ -159,14 +170,21 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, so
 
     if torch.compiler.is_compiling():  # inside compiled decoder layers (compile_layers): fused there
         out = flex_attention(query, key, value, **args)
-    elif query.is_cuda:
-        out = _compiled_flex_attention()(query, key, value, **args)
     else:
-        with warnings.catch_warnings():
-            # On CPU (tests, tiny models) the unfused reference is wanted; say so once instead of per call.
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            out = flex_attention(query, key, value, **args)
+        out = _compiled_flex_attention()(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_attention(query, key, value, mask: torch.Tensor, scaling, softcap):
+    """The same function as the flex path, written out (dense scores): CPU training and inference."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ value
+    return out.transpose(1, 2).contiguous()
 
 
 def _no_mask(*args, **kwargs):

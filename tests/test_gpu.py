@@ -102,3 +102,11 @@ def test_compiled_packed_path_matches_padded_on_cuda(arch, request, tiny_tokeniz
             packed[b] = models[1](**{k: v.cuda() for k, v in inputs.items()}).cpu()
     # fp32 inputs, but Triton's fp32 dot runs in TF32 (~1e-3 relative): close, not equal.
     torch.testing.assert_close(packed, alone, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma2"])
+def test_packed_training_matches_padded_on_cuda(arch, request, tiny_tokenizer, sample_rows):
+    """Flex attention's backward (compiled) gives the padded losses and gradients."""
+    from test_packing import packed_vs_padded_training
+
+    packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, torch.device("cuda"))

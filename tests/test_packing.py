@@ -57,15 +57,18 @@ def test_pack_batch_restarts_positions_and_marks_last_tokens():
 
 
 def test_block_mask_keeps_attention_inside_each_row_and_window():
-    masks = block_masks(torch.tensor([3, 4]), width=9, windows={2, 64})
-    doc_mask = masks[2].mask_mod  # blocks are 128 tokens wide, so the token-level rule lives in mask_mod
-    allowed = torch.tensor([[bool(doc_mask(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(9)] for q in range(9)])
+    from infer.packing import _create_block_mask
+
+    masks = block_masks(torch.tensor([3, 4]), width=9, windows={2, 64})  # CPU: dense masks
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    flex_rule = _create_block_mask(doc, 2).mask_mod  # CUDA's BlockMask: 128-token blocks, the token rule in mask_mod
+    flex = torch.tensor([[bool(flex_rule(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(9)] for q in range(9)])
     expected = torch.zeros(9, 9, dtype=torch.bool)
     for start, n in ((0, 3), (3, 4), (7, 2)):  # two rows and the padded tail
         for q in range(start, start + n):
             for k in range(start, q + 1):
                 expected[q, k] = q - k < 2
-    assert torch.equal(allowed, expected)
+    assert torch.equal(masks[2], expected) and torch.equal(flex, expected)
     assert masks[64] is masks[0]  # a window wider than the batch cannot cut anything
 
 
@@ -188,3 +191,50 @@ def test_plan_counts_packed_batches_on_packed_hardware(llama_run, sample_rows):
     padded, _ = plan([run], rows, lambda r: 1000.0, budget_hours=9, count="padded", hardware="t4x2")
     batches, costs = plan_batches(lengths, run.infer, "padded")
     assert padded["padded_tokens"].sum() == sum(costs) and packed["tokens"].sum() == sum(lengths)
+
+
+def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device) -> None:
+    """train.layout=packed: same per-row losses and LoRA/head gradients as padding, in fp32 (the
+    tolerance is float32 summation order: the packed attention sums over the same keys)."""
+    from infer.model import build_for_training
+    from train.fold import Collator, encode_examples
+
+    cfg = ModelConfig(path=str(path), quantization="none", compute_dtype="float32", lora_dropout=0.0,
+                      gradient_checkpointing=True)
+    formatter = Formatter(tokenizer, build_config(TrainConfig).format)
+    examples = encode_examples(formatter, sample_rows.iloc[:8], swap_aug=True)
+    losses, grads = {}, {}
+    for packed in (False, True):
+        torch.manual_seed(0)
+        model = build_for_training(cfg, formatter.pad_id, device, packed=packed).train()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # LoRA B starts at zero; make LoRA part of the function
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        batch = {k: v.to(device) for k, v in Collator(formatter.pad_id, packed)(examples).items()}
+        target = batch.pop("target")
+        per_row = torch.nn.functional.cross_entropy(model(**batch), target, reduction="none")
+        per_row.mean().backward()
+        losses[packed] = per_row.detach()
+        grads[packed] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert batch["input_ids"].shape[0] == 1 and len(batch["seq_lens"]) == len(examples) == 16
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
+    assert set(grads[True]) == set(grads[False]) and any(g.abs().sum() > 0 for g in grads[False].values())
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma2"])
+def test_packed_training_batch_gives_the_padded_losses_and_gradients(arch, request, tiny_tokenizer, sample_rows):
+    packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, CPU)
+
+
+def test_fold_trains_on_packed_batches(tmp_path, tiny_llama, sample_folds):
+    from conftest import train_args
+    from train.__main__ import main as train_main
+
+    train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=4", "train.max_steps=2",
+                          "train.layout=packed"))
+    run = tmp_path / "tiny-llama" / "fold4-seed42"
+    assert (run / "oof.csv").is_file() and build_config(TrainConfig, run / "config.yaml").train.layout == "packed"

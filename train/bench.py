@@ -9,13 +9,14 @@ Models: Gemma-2-9B / Llama-3-8B built from their real configs with random weight
 random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length);
 every variant trains on the same rows in the same order for `steps` optimizer steps.
 Variants:
-  seed       NF4 base (double quant), LoRA r16 a32 on q/k/v, transformers Trainer with the model's
-             own loss, batch 4 x accumulation 2, padding to the longest, gradient checkpointing,
-             eager attention (the seed notebook);
-  repo-qkv   train.fold's model factory, PairTrainer and collator (what `python -m train` runs),
-             same LoRA targets and rank as the seed;
-  repo       the same with the repo's default targets (q/k/v/o/gate);
-  repo-bf16  repo with an unquantised bf16 base (more memory).
+  seed         NF4 base (double quant), LoRA r16 a32 on q/k/v, transformers Trainer with the
+               model's own loss, batch 4 x accumulation 2, padding to the longest, gradient
+               checkpointing, eager attention (the seed notebook);
+  repo-qkv     train.fold's model factory, PairTrainer and collator (what `python -m train`
+               runs), same LoRA targets and rank as the seed;
+  repo         the same with the repo's default targets (q/k/v/o/gate);
+  repo-packed  repo with train.layout=packed (rows end to end, no padding, flex attention);
+  repo-bf16, repo-bf16-packed: the last two on an unquantised bf16 base (more memory).
 Tokens/s counts real tokens (padding excluded) of the steps after the first `warmup` ones.
 Prints a table last and writes bench-train.json under out.
 """
@@ -38,7 +39,7 @@ from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
 from infer.scoring import pad_batch
 
 FOLD_ROWS = 46_000
-VARIANTS = ("seed", "repo-qkv", "repo", "repo-bf16")
+VARIANTS = ("seed", "repo-qkv", "repo", "repo-packed", "repo-bf16", "repo-bf16-packed")
 
 
 @dataclasses.dataclass
@@ -131,12 +132,13 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
     else:
         targets = SEED_TARGETS if variant == "repo-qkv" else ModelConfig().lora_targets
-        quant = "none" if variant == "repo-bf16" else "4bit"
+        quant = "none" if variant.startswith("repo-bf16") else "4bit"
+        packed = variant.endswith("packed")
         mcfg = ModelConfig(path=str(base_dir), quantization=quant, compute_dtype=dtype, lora_targets=list(targets))
-        model = build_for_training(mcfg, 0, device)
+        model = build_for_training(mcfg, 0, device, packed=packed)
         args = training_args(TrainConfig(model=mcfg, train=settings), base_dir.parent / "run", device)
         targets_1hot = np.eye(NUM_LABELS, dtype=np.float32)[labels]
-        data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0))
+        data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0, packed))
         trainer = PairTrainer(model=model, args=args, train_dataset=data, data_collator=collate, head_lr=0.0, label_smoothing=0.0)
     clock = step_clock(device)
     trainer.add_callback(clock)
@@ -195,7 +197,7 @@ def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.d
 def table(results: list[dict], device: str) -> str:
     columns = [("tok/s", "tokens_per_s", 8, ",.0f"), ("s/1k rows", "s_per_1000_rows", 10, ".1f"), ("peak GB", "peak_gb", 8, ".1f"),
                ("h/46k fold", "fold_hours", 11, ".2f"), ("x seed", "vs_seed", 7, ".2f")]
-    return device + "\n" + result_table(results, columns, 10)
+    return device + "\n" + result_table(results, columns, 16)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,8 @@ class TrainSettings:
     scheduler: str = opt("cosine", "transformers lr_scheduler_type (linear, cosine, constant, ...)")
     optim: str = opt("adamw_torch", "transformers optim name (adamw_torch, paged_adamw_8bit, ...)")
     max_grad_norm: float = opt(1.0, "gradient clipping")
+    layout: str = opt("padded", "padded: a micro-batch's rows padded to its longest | packed: its rows end to end with "
+                      "no padding (flex attention, each row attends only to itself); same rows, same loss")
     init_from: str = opt("", "run folder (or its adapter/) whose LoRA + head start this training, e.g. a "
                          "pre-stage on extra data; same base model and LoRA shape required")
     swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")
@@ -60,5 +62,7 @@ class TrainConfig:
     infer: InferSettings = dataclasses.field(default_factory=InferSettings)
 
     def __post_init__(self) -> None:
+        if self.train.layout not in ("padded", "packed"):
+            raise ValueError(f"train.layout must be padded or packed, got {self.train.layout!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")

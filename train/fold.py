@@ -29,10 +29,16 @@ from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competiti
 from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
                          load_tokenizer, pick_device)
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
+from infer.packing import pack_batch
 from infer.scoring import pad_batch
 from train.config import TrainConfig
 from train.distributed import barrier, dist_rank
 from train.prestage import excluded_prompts, init_from
+
+
+# Packed widths are rounded up to this: a handful of distinct shapes for compiled attention
+# instead of one per micro-batch, for at most PACK_MULTIPLE - 1 padding tokens per step.
+PACK_MULTIPLE = 256
 
 
 def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
@@ -85,12 +91,19 @@ def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> l
 
 
 class Collator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    """A micro-batch as padded rows, or packed end to end (width rounded up to PACK_MULTIPLE)."""
+
+    def __init__(self, pad_id: int, packed: bool = False):
+        self.pad_id, self.packed = pad_id, packed
 
     def __call__(self, examples: list[dict]) -> dict:
-        ids, mask = pad_batch([e["input_ids"] for e in examples], self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "target": torch.tensor(np.stack([e["target"] for e in examples]))}
+        seqs = [e["input_ids"] for e in examples]
+        target = torch.tensor(np.stack([e["target"] for e in examples]))
+        if self.packed:
+            width = -(-sum(map(len, seqs)) // PACK_MULTIPLE) * PACK_MULTIPLE
+            return {**pack_batch(seqs, self.pad_id, width), "target": target}
+        ids, mask = pad_batch(seqs, self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "target": target}
 
 
 class PairTrainer(Trainer):
@@ -244,13 +257,14 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     tokenizer = load_tokenizer(cfg.model)
     formatter = Formatter(tokenizer, cfg.format)
     examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
-    model = build_for_training(cfg.model, formatter.pad_id, device)
+    packed = cfg.train.layout == "packed"
+    model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed)
     origin = init_from(model, cfg) if cfg.train.init_from else None
     trainer = PairTrainer(
         model=model,
         args=args,
         train_dataset=examples,
-        data_collator=Collator(formatter.pad_id),
+        data_collator=Collator(formatter.pad_id, packed),
         head_lr=cfg.train.head_lr,
         label_smoothing=cfg.train.label_smoothing,
     )
