@@ -276,6 +276,8 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
             print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - start
+    # (step, loss) as the Trainer logged it: loss curves of runs can be compared without wandb
+    curve = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
     if world > 1:
         print(f"fold {fold}: rank {rank}/{world} done, {trainer.state.global_step} optimizer steps")
     if rank == 0:
@@ -303,6 +305,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     comp_train_targets = np.stack(df.loc[df["fold"] != fold, "target"].to_numpy())
     metrics = fold_metrics(fold, truth, oof[list(LABEL_COLS)].to_numpy(), comp_train_targets)
     metrics["train_seconds"] = round(train_seconds, 1)
+    metrics["train_loss_curve"] = curve
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["metrics"] = metrics
