@@ -8,9 +8,9 @@ Usage:
 A member is a directory: `runs/<name>/` from `python -m train <cfg> fold=all` (its
 oof-seed<seed>.csv and fold<k>-seed<seed>/ run folders) or the output of `python -m train.length`
 (oof.csv + length_model.json). `runs/<name>@<seed>` picks another seed of a run directory than
-`seed=`, so seeds of one config can be ensembled (member name `<name>-seed<seed>`). Every file is joined by id, never by position, and refused (naming
-the ids) when ids are duplicated or differ from the labelled rows with a fold, or probabilities
-are NaN, negative or do not sum to 1.
+`seed=`, so seeds of one config can be ensembled (member name `<name>-seed<seed>`). Every file is
+joined by id, never by position, and refused (naming the ids) when ids are duplicated or differ
+from the labelled rows with a fold, or probabilities are NaN, negative or do not sum to 1.
 
 Methods: prob_avg / logprob_avg average probabilities / log-probabilities with weights fitted on
 the simplex to minimise OOF log loss; temperature=true then fits p ~ exp(log p / T). stack fits a
@@ -231,6 +231,8 @@ def read_member(spec: str, seed: int, folds: list[int]) -> tuple[dict, pd.DataFr
     """(recipe member entry with paths relative to the member directory, OOF frame)."""
     path, seed, name = parse_member(spec, seed)
     if (path / MODEL_FILE).is_file():
+        if name != path.name:
+            raise ConfigError(f"member {spec}: a length model has no seeds; name it without @<seed>")
         entry, oof_file = {"name": path.name, "kind": "length", "model": MODEL_FILE}, path / "oof.csv"
     elif (path / f"oof-seed{seed}.csv").is_file():
         runs = [f"fold{k}-seed{seed}" for k in folds]

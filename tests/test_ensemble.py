@@ -257,3 +257,12 @@ def test_member_at_seed_reads_that_seeds_runs(tmp_path):
     assert entry == {"name": "plain-seed7", "dir": "plain", "kind": "runs", "runs": [f"fold{k}-seed7" for k in range(K)]}
     pd.testing.assert_frame_equal(oof, members["bad"])
     assert read_member(str(member), 42, list(range(K)))[0]["name"] == "plain"
+
+
+def test_length_member_with_a_seed_is_refused(tmp_path, sample_folds):
+    from data.config import ConfigError
+    from infer.ensemble import read_member
+
+    length_main([f"csv={SAMPLE / 'train.csv'}", f"folds={sample_folds}", f"out={tmp_path / 'length'}"])
+    with pytest.raises(ConfigError, match="has no seeds"):
+        read_member(f"{tmp_path / 'length'}@7", 42, list(range(K)))
