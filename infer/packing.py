@@ -98,21 +98,25 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _create_block_mask(doc: torch.Tensor, window: int):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _row_rule(doc: torch.Tensor, window: int):
+    """The attention rule, as a flex mask_mod: same row, causal, and within `window` when set."""
     def same_row_causal(b, h, q, kv):
         mask = (doc[q] == doc[kv]) & (q >= kv)
         return mask & (q - kv < window) if window else mask
 
+    return same_row_causal
+
+
+def _create_block_mask(doc: torch.Tensor, window: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
     width = doc.shape[0]
-    return create_block_mask(same_row_causal, None, None, width, width, device=doc.device)
+    return create_block_mask(_row_rule(doc, window), None, None, width, width, device=doc.device)
 
 
 def _dense_mask(doc: torch.Tensor, window: int) -> torch.Tensor:
-    q, kv = torch.arange(doc.shape[0]).unsqueeze(1), torch.arange(doc.shape[0]).unsqueeze(0)
-    mask = (doc.unsqueeze(1) == doc.unsqueeze(0)) & (q >= kv)
-    return mask & (q - kv < window) if window else mask
+    positions = torch.arange(doc.shape[0], device=doc.device)
+    return _row_rule(doc, window)(0, 0, positions.unsqueeze(1), positions.unsqueeze(0))
 
 
 def block_masks(seq_lens: torch.Tensor, width: int, windows: set[int]) -> dict[int, object]:

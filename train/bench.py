@@ -124,10 +124,11 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    # Trainer arguments read only the compute dtype from the model section: one set for every variant.
+    args = training_args(TrainConfig(model=ModelConfig(path=str(base_dir), compute_dtype=dtype), train=settings),
+                         base_dir.parent / "run", device)
     if variant == "seed":
         model = seed_model(base_dir, device)
-        mcfg = ModelConfig(path=str(base_dir), compute_dtype=dtype)
-        args = training_args(TrainConfig(model=mcfg, train=settings), base_dir.parent / "run", device)
         data, collate = [{"input_ids": r, "label": int(y)} for r, y in zip(rows, labels)], Counted(seed_collate)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
     else:
@@ -136,7 +137,6 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
         packed = variant.endswith("packed")
         mcfg = ModelConfig(path=str(base_dir), quantization=quant, compute_dtype=dtype, lora_targets=list(targets))
         model = build_for_training(mcfg, 0, device, packed=packed)
-        args = training_args(TrainConfig(model=mcfg, train=settings), base_dir.parent / "run", device)
         targets_1hot = np.eye(NUM_LABELS, dtype=np.float32)[labels]
         data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0, packed))
         trainer = PairTrainer(model=model, args=args, train_dataset=data, data_collator=collate, head_lr=0.0, label_smoothing=0.0)

@@ -58,7 +58,7 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ConfigError(f"data.folds_csv is empty: write folds once with `python -m data.folds csv={cfg.data.train_csv} out=...`")
     df = attach_folds(df, read_folds(cfg.data.folds_csv), cfg.data.folds_csv)
     excluded = excluded_prompts(cfg)
-    df["excluded"] = df["prompt"].map(prompt_key).isin(excluded)
+    df["excluded"] = df["prompt"].map(prompt_key).isin(excluded) if excluded else False
     if excluded:
         print(f"data.exclude_prompts_of: {int(df['excluded'].sum())} row(s) share a prompt with those files; "
               "they are never trained on (held out rows are still scored)")
@@ -74,7 +74,7 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(repeated):
         raise DataError(f"data.extra_csv: ids {sorted(set(repeated))[:20]} occur in more than one extra file")
     kept, stats = add_extra_training_rows(df, extra)
-    kept["excluded"] = kept["prompt"].map(prompt_key).isin(excluded)
+    kept["excluded"] = kept["prompt"].map(prompt_key).isin(excluded) if excluded else False
     stats["dropped_excluded_prompt"] = int(kept["excluded"].sum())
     print(f"extra training rows: {stats}")
     return df, kept[~kept["excluded"]].reset_index(drop=True)
