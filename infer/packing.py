@@ -86,16 +86,24 @@ def last_token_index(seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(seq_lens, 0) - 1
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    return torch.compile(_create_block_mask, dynamic=False)
+def _dynamic() -> bool | None:
+    # Inference pads every batch to one width: one static graph. Training widths change with every
+    # micro-batch: automatic dynamic shapes (None) make the second width's graph serve all later
+    # ones, where static graphs recompile per width. Measured fast inside compiled layers
+    # (train.compile); flex compiled on its own was still slow on torch 2.11 (README, Training).
+    return None if torch.is_grad_enabled() else False
 
 
 @functools.cache
-def _compiled_flex_attention():
+def _compiled_create_block_mask(dynamic: bool | None):
+    return torch.compile(_create_block_mask, dynamic=dynamic)
+
+
+@functools.cache
+def _compiled_flex_attention(dynamic: bool | None):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
 
 
 def _row_rule(doc: torch.Tensor, window: int):
@@ -129,7 +137,7 @@ def block_masks(seq_lens: torch.Tensor, width: int, windows: set[int]) -> dict[i
     """
     doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)
     doc = torch.cat([doc, torch.full((width - doc.shape[0],), len(seq_lens), device=doc.device)])
-    build = _compiled_create_block_mask() if doc.is_cuda else _dense_mask
+    build = _compiled_create_block_mask(_dynamic()) if doc.is_cuda else _dense_mask
     masks = {0: build(doc, 0)}
     for w in windows:
         masks[w] = build(doc, w) if w < width else masks[0]
@@ -148,7 +156,11 @@ def kernel_options(query: torch.Tensor) -> dict | None:
     The default there is 64x32 tiles, 4 warps; 128x64, 8 warps, 2 stages ran 1.57x faster on an
     H100 (2.01 -> 1.28 ms per layer on a 16k-token packed batch, `python -m infer bench tasks=attn`).
     Its shared-memory footprint (192 KB) does not fit Ampere, so other GPUs keep the defaults.
+    Training keeps them too: these are forward tiles, and the backward kernel at head_dim 256 has
+    its own shared-memory limits.
     """
+    if query.requires_grad:
+        return None
     if query.is_cuda and query.shape[-1] == 256 and torch.cuda.get_device_capability(query.device) == (9, 0):
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return None
@@ -175,7 +187,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, so
     if torch.compiler.is_compiling():  # inside compiled decoder layers (compile_layers): fused there
         out = flex_attention(query, key, value, **args)
     else:
-        out = _compiled_flex_attention()(query, key, value, **args)
+        out = _compiled_flex_attention(_dynamic())(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -35,7 +35,7 @@ def test_training_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     train_bench_main([f"out={tmp_path}", "models=tiny", "max_lengths=64", "steps=4", "warmup=1", "device=cpu",
                       "batch_size=2", "grad_accum=2"])
     results = json.loads((tmp_path / "bench-train.json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["seed", "repo-qkv", "repo", "repo-packed", "repo-bf16", "repo-bf16-packed"]
+    assert [r["variant"] for r in results] == ["seed", "repo-qkv", "repo-qkv-packed", "repo", "repo-packed", "repo-bf16", "repo-bf16-packed"]
     every_row = sum(map(len, random_rows(16, 64, 1000)))  # 4 steps x 2 x 2 rows, each trained once
     for r in results:
         assert "error" not in r, r

@@ -105,8 +105,9 @@ def test_compiled_packed_path_matches_padded_on_cuda(arch, request, tiny_tokeniz
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma2"])
-def test_packed_training_matches_padded_on_cuda(arch, request, tiny_tokenizer, sample_rows):
-    """Flex attention's backward (compiled) gives the padded losses and gradients."""
+@pytest.mark.parametrize("compile", [False, True], ids=["flex", "compiled-layers"])
+def test_packed_training_matches_padded_on_cuda(arch, compile, request, tiny_tokenizer, sample_rows):
+    """Flex attention's backward, alone or inside compiled layers (train.compile), gives the padded losses and gradients."""
     from test_packing import packed_vs_padded_training
 
-    packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, torch.device("cuda"))
+    packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, torch.device("cuda"), compile)

@@ -193,10 +193,12 @@ def test_plan_counts_packed_batches_on_packed_hardware(llama_run, sample_rows):
     assert padded["padded_tokens"].sum() == sum(costs) and packed["tokens"].sum() == sum(lengths)
 
 
-def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device) -> None:
-    """train.layout=packed: same per-row losses and LoRA/head gradients as padding, in fp32 (the
-    tolerance is float32 summation order: the packed attention sums over the same keys)."""
-    from infer.model import build_for_training
+def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device, compile: bool = False) -> None:
+    """train.layout=packed: same per-row losses and LoRA/head gradients as padding, in fp32. On
+    CPU the tolerance is float32 summation order (the packed attention sums over the same keys);
+    Triton runs fp32 dots in TF32 (~1e-3 relative), so CUDA is held to that. Two micro-batches of
+    different widths: training compiles for one width, then for any (automatic dynamic shapes)."""
+    from infer.model import build_for_training, compile_layers
     from train.fold import Collator, encode_examples
 
     cfg = ModelConfig(path=str(path), quantization="none", compute_dtype="float32", lora_dropout=0.0,
@@ -207,22 +209,31 @@ def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device
     for packed in (False, True):
         torch.manual_seed(0)
         model = build_for_training(cfg, formatter.pad_id, device, packed=packed).train()
+        if packed and compile:
+            compile_layers(model, dynamic=None)
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # LoRA B starts at zero; make LoRA part of the function
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        batch = {k: v.to(device) for k, v in Collator(formatter.pad_id, packed)(examples).items()}
-        target = batch.pop("target")
-        per_row = torch.nn.functional.cross_entropy(model(**batch), target, reduction="none")
-        per_row.mean().backward()
-        losses[packed] = per_row.detach()
+        losses[packed] = []
+        for rows in (examples, examples[:5]):
+            batch = {k: v.to(device) for k, v in Collator(formatter.pad_id, packed)(rows).items()}
+            target = batch.pop("target")
+            per_row = torch.nn.functional.cross_entropy(model(**batch), target, reduction="none")
+            per_row.mean().backward()
+            losses[packed].append(per_row.detach())
         grads[packed] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert batch["input_ids"].shape[0] == 1 and len(batch["seq_lens"]) == len(examples) == 16
-    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
+    assert [len(x) for x in losses[True]] == [16, 5]
+    tol = dict(atol=1e-5, rtol=1e-5) if device.type == "cpu" else dict(atol=2e-3, rtol=2e-3)
+    for packed_loss, padded_loss in zip(losses[True], losses[False]):
+        torch.testing.assert_close(packed_loss, padded_loss, **tol)
     assert set(grads[True]) == set(grads[False]) and any(g.abs().sum() > 0 for g in grads[False].values())
     for name, grad in grads[False].items():
-        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        if device.type == "cpu":
+            torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        else:
+            assert (grads[True][name] - grad).norm() <= 1e-2 * grad.norm() + 1e-6, name
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma2"])

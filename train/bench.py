@@ -3,11 +3,14 @@
 Usage:
     python -m train.bench out=bench-out                                 # gemma2 + llama, max_length 1024 and 2048
     python -m train.bench out=bench-out models=gemma2 max_lengths=1024 steps=40 variants=seed,repo
+    torchrun --nproc_per_node=2 -m train.bench out=bench-2gpu workdir=/tmp/tb variants=repo   # DDP scaling
 
 Models: Gemma-2-9B / Llama-3-8B built from their real configs with random weights, saved once to
 `workdir` and reloaded the way a real base is (4-bit NF4 through bitsandbytes, or bf16). Rows:
 random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length);
 every variant trains on the same rows in the same order for `steps` optimizer steps.
+A `workdir` given on the command line keeps the saved bases, so later runs (other variants, or
+torchrun) load them instead of building them again.
 Variants:
   seed         NF4 base (double quant), LoRA r16 a32 on q/k/v, transformers Trainer with the
                model's own loss, batch 4 x accumulation 2, padding to the longest, gradient
@@ -15,9 +18,10 @@ Variants:
   repo-qkv     train.fold's model factory, PairTrainer and collator (what `python -m train`
                runs), same LoRA targets and rank as the seed;
   repo         the same with the repo's default targets (q/k/v/o/gate);
-  repo-packed  repo with train.layout=packed (rows end to end, no padding, flex attention);
+  repo-packed, repo-qkv-packed: with train.layout=packed (rows end to end, no padding, flex attention);
   repo-bf16, repo-bf16-packed: the last two on an unquantised bf16 base (more memory).
-Tokens/s counts real tokens (padding excluded) of the steps after the first `warmup` ones.
+Tokens/s counts real tokens (padding excluded) of the steps after the first `warmup` ones, summed
+over all processes under torchrun (each process trains `steps` steps on its own share of rows).
 Prints a table last and writes bench-train.json under out.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -35,11 +40,12 @@ import torch
 
 from data.config import ConfigError, cli_config, opt, run_cli
 from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows, result_table
-from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
+from infer.model import NUM_LABELS, ModelConfig, build_for_training, compile_layers, pick_device
 from infer.scoring import pad_batch
+from train.distributed import barrier, dist_rank
 
 FOLD_ROWS = 46_000
-VARIANTS = ("seed", "repo-qkv", "repo", "repo-packed", "repo-bf16", "repo-bf16-packed")
+VARIANTS = ("seed", "repo-qkv", "repo-qkv-packed", "repo", "repo-packed", "repo-bf16", "repo-bf16-packed")
 
 
 @dataclasses.dataclass
@@ -52,7 +58,11 @@ class TrainBenchConfig:
     warmup: int = opt(5, "first steps left out of the timing (allocation, autotuning)")
     batch_size: int = opt(4, "rows per micro-batch (the seed's 4)")
     grad_accum: int = opt(2, "micro-batches per optimizer step (the seed's 2)")
-    workdir: str = opt("", "scratch folder for the saved random bases (18 GB each); empty: a temp folder")
+    repo_batch_size: int = opt(0, "rows per micro-batch of the repo variants, accumulation scaled so that a step keeps "
+                                  "batch_size x grad_accum rows (0: batch_size)")
+    compile: bool = opt(False, "repo variants: torch.compile each decoder layer (train.compile=true)")
+    workdir: str = opt("", "folder for the saved random bases (18 GB each), kept and reused; empty: a temp folder, "
+                           "removed at the end (required under torchrun)")
     device: str = opt("cuda", "cuda | cpu (cpu: the tests, on models=tiny)")
 
 
@@ -84,7 +94,10 @@ def step_clock(device: torch.device):
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.start, self.times = 0.0, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
@@ -118,7 +131,10 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
 
     on_gpu = device.type == "cuda"
     dtype = "bfloat16" if on_gpu else "float32"
-    settings = TrainSettings(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.steps, warmup=0,
+    batch, accum = cfg.batch_size, cfg.grad_accum
+    if variant != "seed" and cfg.repo_batch_size:
+        batch, accum = cfg.repo_batch_size, cfg.batch_size * cfg.grad_accum // cfg.repo_batch_size
+    settings = TrainSettings(batch_size=batch, grad_accum=accum, max_steps=cfg.steps, warmup=0,
                              logging_steps=10**6, report_to="none", device=str(device))
     labels = np.random.default_rng(1).integers(0, NUM_LABELS, len(rows))
     if on_gpu:
@@ -132,11 +148,13 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
         data, collate = [{"input_ids": r, "label": int(y)} for r, y in zip(rows, labels)], Counted(seed_collate)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
     else:
-        targets = SEED_TARGETS if variant == "repo-qkv" else ModelConfig().lora_targets
+        targets = SEED_TARGETS if variant.startswith("repo-qkv") else ModelConfig().lora_targets
         quant = "none" if variant.startswith("repo-bf16") else "4bit"
         packed = variant.endswith("packed")
         mcfg = ModelConfig(path=str(base_dir), quantization=quant, compute_dtype=dtype, lora_targets=list(targets))
         model = build_for_training(mcfg, 0, device, packed=packed)
+        if cfg.compile:
+            compile_layers(model, dynamic=None)
         targets_1hot = np.eye(NUM_LABELS, dtype=np.float32)[labels]
         data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0, packed))
         trainer = PairTrainer(model=model, args=args, train_dataset=data, data_collator=collate, head_lr=0.0, label_smoothing=0.0)
@@ -144,20 +162,27 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
     trainer.add_callback(clock)
     trainer.train()
     steps = len(clock.times)
-    micro = [sum(collate.tokens[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]) for k in range(steps)]
-    tokens = sum(micro[cfg.warmup + 1:])
+    micro = [sum(collate.tokens[k * accum:(k + 1) * accum]) for k in range(steps)]
+    counts = torch.tensor([sum(micro[cfg.warmup + 1:]), sum(micro)], dtype=torch.float64, device=device)
+    _, world = dist_rank()
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    tokens, tokens_trained = counts.tolist()
     seconds = clock.times[-1] - clock.times[cfg.warmup]
-    rows_per_s = (steps - cfg.warmup - 1) * cfg.batch_size * cfg.grad_accum / seconds
-    result = {"variant": variant, "steps": steps, "tokens_trained": sum(micro), "tokens_per_s": tokens / seconds,
-              "s_per_1000_rows": 1000 / rows_per_s,
+    rows_per_s = (steps - cfg.warmup - 1) * cfg.batch_size * cfg.grad_accum * world / seconds
+    result = {"variant": variant, "micro_batch": f"{batch}x{accum}", "compiled": variant != "seed" and cfg.compile,
+              "gpus": world, "steps": steps, "tokens_trained": int(tokens_trained), "tokens_per_s": tokens / seconds,
+              "warmup_s": clock.times[cfg.warmup] - clock.start, "s_per_1000_rows": 1000 / rows_per_s,
               "fold_hours": FOLD_ROWS / rows_per_s / 3600,
               "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else float("nan")}
     del trainer, model
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
-    print(f"  {variant}: {result['tokens_per_s']:,.0f} tokens/s, {result['s_per_1000_rows']:.1f} s/1000 rows, "
-          f"peak {result['peak_gb']:.1f} GB")
+    if dist_rank()[0] == 0:
+        print(f"  {variant} ({batch}x{accum} rows, {world} processes): {result['tokens_per_s']:,.0f} tokens/s, "
+              f"{result['s_per_1000_rows']:.1f} s/1000 rows, peak {result['peak_gb']:.1f} GB, "
+              f"first {cfg.warmup + 1} steps {result['warmup_s']:.0f} s", flush=True)
     return result
 
 
@@ -166,18 +191,24 @@ def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.d
 
     config = tiny_config() if arch == "tiny" else arch_config(arch)
     base_dir = workdir / arch / "base"
-    torch.manual_seed(0)
-    with torch.device(device):
-        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    params = non_embedding_params(base)
-    base.save_pretrained(base_dir)
-    del base
-    gc.collect()
+    rank, world = dist_rank()
+    with torch.device("meta"):
+        params = non_embedding_params(AutoModelForSequenceClassification.from_config(config))
+    if rank == 0 and not (base_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        with torch.device(device):
+            base = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        base.save_pretrained(base_dir)
+        del base
+        gc.collect()
+    barrier()
     results = []
-    n_rows = cfg.steps * cfg.batch_size * cfg.grad_accum
+    n_rows = cfg.steps * cfg.batch_size * cfg.grad_accum * world
     for max_length in cfg.max_lengths:
         rows = random_rows(n_rows, max_length, config.vocab_size)
-        print(f"{arch} max_length {max_length}: {params / 1e9:.2f} B non-embedding parameters, {n_rows} rows")
+        if rank == 0:
+            print(f"{arch} max_length {max_length}: {params / 1e9:.2f} B non-embedding parameters, {n_rows} rows, "
+                  f"{world} processes", flush=True)
         for variant in cfg.variants:
             try:
                 result = run_variant(variant, base_dir, rows, cfg, device)
@@ -185,8 +216,11 @@ def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.d
                 print(f"  {variant}: FAILED {type(err).__name__}: {err}")
                 result = {"variant": variant, "error": f"{type(err).__name__}: {str(err)[:500]}"}
             results.append({"model": arch, "max_length": max_length, **result})
-            (Path(cfg.out) / "bench-train.partial.json").write_text(json.dumps(results, indent=1))
-    shutil.rmtree(workdir / arch, ignore_errors=True)
+            if rank == 0:
+                (Path(cfg.out) / "bench-train.partial.json").write_text(json.dumps(results, indent=1))
+    barrier()
+    if rank == 0 and not cfg.workdir:
+        shutil.rmtree(workdir / arch, ignore_errors=True)
     for r in results:
         base_rate = next((b.get("tokens_per_s") for b in results if b["variant"] == "seed" and b["max_length"] == r["max_length"]), None)
         if "tokens_per_s" in r and base_rate:
@@ -195,7 +229,7 @@ def bench_model(arch: str, cfg: TrainBenchConfig, workdir: Path, device: torch.d
 
 
 def table(results: list[dict], device: str) -> str:
-    columns = [("tok/s", "tokens_per_s", 8, ",.0f"), ("s/1k rows", "s_per_1000_rows", 10, ".1f"), ("peak GB", "peak_gb", 8, ".1f"),
+    columns = [("micro", "micro_batch", 5, "s"), ("compiled", "compiled", 8, ""), ("GPUs", "gpus", 4, "d"), ("tok/s", "tokens_per_s", 8, ",.0f"), ("s/1k rows", "s_per_1000_rows", 10, ".1f"), ("peak GB", "peak_gb", 8, ".1f"),
                ("h/46k fold", "fold_hours", 11, ".2f"), ("x seed", "vs_seed", 7, ".2f")]
     return device + "\n" + result_table(results, columns, 16)
 
@@ -207,15 +241,30 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown or cfg.steps <= cfg.warmup + 1:
         raise ConfigError(f"variants must be among {list(VARIANTS)} (unknown: {sorted(unknown)}), steps > warmup + 1")
-    device = pick_device(cfg.device)
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    if cfg.repo_batch_size and rows_per_step % cfg.repo_batch_size:
+        raise ConfigError(f"repo_batch_size={cfg.repo_batch_size} must divide batch_size x grad_accum = {rows_per_step}")
+    rank, world = dist_rank()
+    if world > 1:
+        if cfg.device != "cuda" or not cfg.workdir:
+            raise ConfigError("under torchrun the bench needs device=cuda and a workdir= that every process sees")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        device = pick_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    name = f"{world} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     name += f", torch {torch.__version__}"
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="arena-train-bench-"))
     results = [r for arch in cfg.models for r in bench_model(arch, cfg, workdir, device)]
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     (out / "bench-train.json").write_text(json.dumps({"device": name, "config": dataclasses.asdict(cfg), "results": results}, indent=1))
     print("\n" + table(results, name))
 

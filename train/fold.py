@@ -26,13 +26,13 @@ from data.config import ConfigError, save_yaml
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
-from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
+from infer.model import (HEAD, adapter_head, build_for_training, check_base, compile_layers, head_checksum, load_adapter_weights,
                          load_tokenizer, pick_device)
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
 from infer.packing import pack_batch
 from infer.scoring import pad_batch
 from train.config import TrainConfig
-from train.distributed import barrier, dist_rank
+from train.distributed import RankBalancedSampler, barrier, dist_rank
 from train.prestage import excluded_prompts, init_from
 
 
@@ -113,6 +113,12 @@ class PairTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.head_lr = head_lr
         self.label_smoothing = label_smoothing
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.args.world_size > 1:
+            lengths = [len(e["input_ids"]) for e in self.train_dataset]
+            return RankBalancedSampler(lengths, self.args.per_device_train_batch_size, self.args.world_size, self.args.seed)
+        return super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         target = inputs.pop("target")
@@ -260,6 +266,8 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     packed = cfg.train.layout == "packed"
     model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed)
     origin = init_from(model, cfg) if cfg.train.init_from else None
+    if cfg.train.compile:
+        compile_layers(model, dynamic=None)
     trainer = PairTrainer(
         model=model,
         args=args,
