@@ -164,7 +164,7 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
     steps = len(clock.times)
     micro = [sum(collate.tokens[k * accum:(k + 1) * accum]) for k in range(steps)]
     counts = torch.tensor([sum(micro[cfg.warmup + 1:]), sum(micro)], dtype=torch.float64, device=device)
-    _, world = dist_rank()
+    rank, world = dist_rank()
     if world > 1:
         torch.distributed.all_reduce(counts)
     tokens, tokens_trained = counts.tolist()
@@ -179,7 +179,7 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
-    if dist_rank()[0] == 0:
+    if rank == 0:
         print(f"  {variant} ({batch}x{accum} rows, {world} processes): {result['tokens_per_s']:,.0f} tokens/s, "
               f"{result['s_per_1000_rows']:.1f} s/1000 rows, peak {result['peak_gb']:.1f} GB, "
               f"first {cfg.warmup + 1} steps {result['warmup_s']:.0f} s", flush=True)
