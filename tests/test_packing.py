@@ -198,7 +198,7 @@ def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device
     CPU the tolerance is float32 summation order (the packed attention sums over the same keys);
     Triton runs fp32 dots in TF32 (~1e-3 relative), so CUDA is held to that. Two micro-batches of
     different widths: training compiles for one width, then for any (automatic dynamic shapes)."""
-    from infer.model import build_for_training, compile_layers
+    from infer.model import build_for_training
     from train.fold import Collator, encode_examples
 
     cfg = ModelConfig(path=str(path), quantization="none", compute_dtype="float32", lora_dropout=0.0,
@@ -208,9 +208,7 @@ def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device
     losses, grads = {}, {}
     for packed in (False, True):
         torch.manual_seed(0)
-        model = build_for_training(cfg, formatter.pad_id, device, packed=packed).train()
-        if packed and compile:
-            compile_layers(model, dynamic=None)
+        model = build_for_training(cfg, formatter.pad_id, device, packed=packed, compile=packed and compile).train()
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # LoRA B starts at zero; make LoRA part of the function
             for name, param in model.named_parameters():

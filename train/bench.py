@@ -40,7 +40,7 @@ import torch
 
 from data.config import ConfigError, cli_config, opt, run_cli
 from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows, result_table
-from infer.model import NUM_LABELS, ModelConfig, build_for_training, compile_layers, pick_device
+from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
 from infer.scoring import pad_batch
 from train.distributed import barrier, dist_rank
 
@@ -152,9 +152,7 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
         quant = "none" if variant.startswith("repo-bf16") else "4bit"
         packed = variant.endswith("packed")
         mcfg = ModelConfig(path=str(base_dir), quantization=quant, compute_dtype=dtype, lora_targets=list(targets))
-        model = build_for_training(mcfg, 0, device, packed=packed)
-        if cfg.compile:
-            compile_layers(model, dynamic=None)
+        model = build_for_training(mcfg, 0, device, packed=packed, compile=cfg.compile)
         targets_1hot = np.eye(NUM_LABELS, dtype=np.float32)[labels]
         data, collate = [{"input_ids": r, "target": t} for r, t in zip(rows, targets_1hot)], Counted(Collator(0, packed))
         trainer = PairTrainer(model=model, args=args, train_dataset=data, data_collator=collate, head_lr=0.0, label_smoothing=0.0)

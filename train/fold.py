@@ -26,7 +26,7 @@ from data.config import ConfigError, save_yaml
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
-from infer.model import (HEAD, adapter_head, build_for_training, check_base, compile_layers, head_checksum, load_adapter_weights,
+from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
                          load_tokenizer, pick_device)
 from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
 from infer.packing import pack_batch
@@ -264,10 +264,8 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     formatter = Formatter(tokenizer, cfg.format)
     examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
     packed = cfg.train.layout == "packed"
-    model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed)
+    model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed, compile=cfg.train.compile)
     origin = init_from(model, cfg) if cfg.train.init_from else None
-    if cfg.train.compile:
-        compile_layers(model, dynamic=None)
     trainer = PairTrainer(
         model=model,
         args=args,
