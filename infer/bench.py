@@ -61,6 +61,7 @@ class BenchConfig:
     dtypes: list[str] = opt(["bfloat16", "float32"], "exact: compute dtypes compared")
     workdir: str = opt("", "scratch folder for saved random bases (18 GB each); empty: a temp folder")
     device: str = opt("cuda", "exact: device (cpu runs it on tiny models in the tests)")
+    fp8: bool = opt(True, "speed/exact: also run infer.fp8=true (skipped on GPUs below compute capability 8.9)")
     uncompiled: bool = opt(False, "speed: also time the packed path without compile_layers (its first batch compiles flex attention alone: minutes)")
     profile: bool = opt(False, "speed: also print the top GPU kernels of the default path (torch.profiler)")
 
@@ -135,6 +136,17 @@ def measure(name: str, score, rows: list[list[int]]) -> dict:
               "peak_gb": torch.cuda.max_memory_allocated() / 2**30, **stats}
     print(f"  {name}: {tokens_per_s:,.0f} tokens/s, peak {result['peak_gb']:.1f} GB, first batch {stats['first_batch_s']:.1f} s")
     return result
+
+
+def fp8_capable(cfg: BenchConfig) -> bool:
+    from infer.fp8 import MIN_CAPABILITY
+
+    if not cfg.fp8:
+        return False
+    if cfg.device != "cpu" and torch.cuda.get_device_capability() < MIN_CAPABILITY:
+        print(f"fp8 rows skipped: {torch.cuda.get_device_name()} has no fp8 tensor cores (compute capability < 8.9)")
+        return False
+    return True
 
 
 def repo_scorer(model: PooledClassifier, layout: str, budget: int):
@@ -226,6 +238,12 @@ def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dic
         add("repo bf16 packed, merged, compiled (default)", repo_scorer(model, "packed", max(cfg.token_budget, m)), m)
     if cfg.profile:
         profiles[arch] = kernel_profile(model, lengths[first], cfg.token_budget)
+    if fp8_capable(cfg):
+        prepare(model, InferSettings(fp8=True), "packed")
+        for m in cfg.max_lengths:
+            add("repo fp8 packed, merged, compiled (infer.fp8)", repo_scorer(model, "packed", max(cfg.token_budget, m)), m)
+        if cfg.profile:
+            profiles[f"{arch}-fp8"] = kernel_profile(model, lengths[first], cfg.token_budget)
     del model, base
     torch._dynamo.reset()  # compiled layers keep the bf16 weights alive otherwise (inflating later peaks)
     gc.collect()

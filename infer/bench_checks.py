@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from infer import packing
-from infer.bench import REPO_TARGETS, BenchConfig, arch_config, random_lora, random_rows
+from infer.bench import REPO_TARGETS, BenchConfig, arch_config, fp8_capable, random_lora, random_rows
 from infer.model import HEAD, ModelConfig, PooledClassifier, head_to_fp32, head_checksum, load_base
 from infer.predict import softmax
 from infer.scoring import InferSettings, plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
@@ -48,6 +48,8 @@ def exact(cfg: BenchConfig) -> list[dict]:
         probs = {"plain": softmax(plain.astype(np.float64))}
         steps = [("padded, unmerged", "padded", None), ("packed, unmerged", "packed", None),
                  ("packed, merged", "packed", InferSettings(compile=False)), ("packed, merged, compiled", "packed", InferSettings())]
+        if dtype == "bfloat16" and fp8_capable(cfg):
+            steps.append(("packed, merged, fp8, compiled", "packed", InferSettings(fp8=True)))
         for name, layout, settings in steps:
             if layout == "packed":
                 model.base.config._attn_implementation = packing.register()
@@ -60,7 +62,7 @@ def exact(cfg: BenchConfig) -> list[dict]:
         for name in probs:
             if name == "plain":
                 continue
-            for ref in ("plain", "packed, unmerged"):
+            for ref in ("plain", "packed, unmerged", *(("packed, merged, compiled",) if "fp8" in name else ())):
                 if ref != name:
                     diff = np.abs(probs[name] - probs[ref])
                     results.append({"dtype": dtype, "path": name, "against": ref, "rows": len(seqs),

@@ -47,6 +47,7 @@ class PredictConfig:
     max_rows: int | None = opt(None, "max rows per batch (padded layout); unset: as the run's config says")
     layout: str = opt("", "auto | packed | padded; empty: as the run's config says")
     merge_lora: bool | None = opt(None, "merge LoRA into unquantised weights; unset: as the run's config says")
+    fp8: bool | None = opt(None, "fp8 e4m3 decoder projections (H100/L4 class GPUs); unset: as the run's config says")
     compile: bool | None = opt(None, "torch.compile the decoder layers; unset: as the run's config says")
     device: str = opt("", "auto | cpu | cuda; empty: as the run's config says")
     infer_max_length: int | None = opt(None, "max tokens per row at inference; unset: as the run's format config says")
@@ -96,7 +97,7 @@ def load_run(path: Path, overrides: PredictConfig | None = None, need_base: bool
         model_changes = {k: getattr(overrides, k) for k in ("quantization", "compute_dtype") if getattr(overrides, k)}
         if overrides.base_path:
             model_changes["path"] = overrides.base_path
-        infer_keys = ("tta", "workers", "token_budget", "max_rows", "merge_lora", "compile")
+        infer_keys = ("tta", "workers", "token_budget", "max_rows", "merge_lora", "fp8", "compile")
         infer_changes = {k: getattr(overrides, k) for k in infer_keys if getattr(overrides, k) is not None}
         for key in ("device", "layout"):
             if getattr(overrides, key):

@@ -3,8 +3,8 @@
 Rows are cut into batches in one of two layouts (infer.packing: `packed`, rows end to end with no
 padding; or `padded`, right-padded rows), whole batches are spread over N workers by the tokens
 they compute, and each worker loads the run once, applies the inference-only speed-ups (merged
-LoRA, compiled layers) and scores its batches. Nothing here knows about ids or CSVs: predict.py
-formats rows, calls run_shares and merges by id.
+LoRA, fp8 projections if asked, compiled layers) and scores its batches. Nothing here knows about
+ids or CSVs: predict.py formats rows, calls run_shares and merges by id.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from data.config import opt
 from infer.model import ModelConfig, PooledClassifier, compile_layers, load_for_inference, merge_lora
+from infer.fp8 import to_fp8
 from infer.packing import LAYOUTS, pack_batch, pack_rows
 
 
@@ -29,6 +30,7 @@ class InferSettings:
     max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
     layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
     merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
+    fp8: bool = opt(False, "after merging LoRA, run the decoder's projections in fp8 e4m3 (per-channel weight and per-token activation scales; infer/fp8.py): faster matmuls on compute capability >= 8.9 (H100, L4), slightly different probabilities")
     compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, ~3 min Gemma-2 on a cold cache)")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
@@ -95,6 +97,8 @@ def make_inputs(seqs: list[list[int]], pad_id: int, layout: str, width: int) -> 
 def prepare(model: PooledClassifier, infer: InferSettings, layout: str) -> list[str]:
     """Inference-only speed-ups on a loaded model; returns what was done, for the log."""
     done = [merge_lora(model)] if infer.merge_lora else ["LoRA kept unmerged (merge_lora=false)"]
+    if infer.fp8:
+        done.append(to_fp8(model))
     if infer.compile and layout == "packed":
         compile_layers(model)
         done.append("decoder layers compiled")

@@ -28,6 +28,14 @@ def test_exactness_report_on_a_tiny_model(tiny_llama):
         assert r["rows"] == 16 and r["max_abs"] < 1e-5, r
 
 
+def test_exactness_report_has_the_fp8_path_in_bf16(tiny_llama):
+    cfg = BenchConfig(out="unused", model_path=str(tiny_llama), gguf_file="", csv=str(SAMPLE / "train.csv"),
+                      exact_rows=8, dtypes=["bfloat16"], token_budget=2048, device="cpu")
+    fp8 = [r for r in exact(cfg) if r["path"] == "packed, merged, fp8, compiled"]
+    assert sorted(r["against"] for r in fp8) == ["packed, merged, compiled", "packed, unmerged", "plain"]
+    assert all(0 < r["max_abs"] < 0.1 for r in fp8), fp8
+
+
 def test_training_bench_runs_every_variant_on_a_tiny_model(tmp_path):
     from infer.bench import random_rows
     from train.bench import main as train_bench_main

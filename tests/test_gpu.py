@@ -111,3 +111,17 @@ def test_packed_training_matches_padded_on_cuda(arch, compile, request, tiny_tok
     from test_packing import packed_vs_padded_training
 
     packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, torch.device("cuda"), compile)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores")
+def test_fp8_packed_compiled_on_cuda_stays_close_to_bf16(cuda_run):
+    """_scaled_mm's row-wise kernel inside compiled layers: same ids, probabilities close to the bf16 path."""
+    from infer.predict import PredictConfig
+
+    df = read_competition_csv(SAMPLE / "test.csv")[0]
+    bf16 = PredictConfig(quantization="none", compute_dtype="bfloat16", layout="packed", compile=True, token_budget=1024)
+    reference = predict_frame([load_run(cuda_run, bf16)], df)
+    fp8 = predict_frame([load_run(cuda_run, dataclasses.replace(bf16, fp8=True))], df)
+    assert fp8["id"].tolist() == reference["id"].tolist()
+    diff = (fp8.drop(columns="id") - reference.drop(columns="id")).abs().to_numpy()
+    assert diff.max() < 0.03, diff.max()
