@@ -11,11 +11,13 @@ speed: Gemma-2-9B / Llama-3-8B built from their real configs with random weights
 random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length).
 Baseline = the seed notebook: NF4 base + unmerged LoRA r16 on q/k/v, eager attention, fp16
 autocast, rows sorted by length in fixed batches of 4 padded to the longest. The repo rows run
-PooledClassifier / prepare / score_batches from infer.scoring, as `infer predict` does. Tokens/s
-counts real tokens after the first batch (compilation and warm-up); TFLOP/s = 2 x non-embedding
-parameters x tokens/s, next to the bf16 matmul rate measured in the same run.
+PooledClassifier / prepare / score_batches from infer.scoring, as `infer predict` does, in bf16
+and (GPUs with fp8 tensor cores) with infer.fp8. Tokens/s counts real tokens after the first
+batch (compilation and warm-up); TFLOP/s = 2 x non-embedding parameters x tokens/s, next to the
+bf16 matmul rate measured in the same run.
 exact: a real model (SmolLM2 via gguf_file) on real rows; the fast path's probabilities against
-a plain transformers forward (one row at a time, no padding, unmerged LoRA), per dtype.
+a plain transformers forward (one row at a time, no padding, unmerged LoRA), per dtype; in bf16
+also the fp8 path against the bf16 fast path.
 scaling: the same random Gemma-2/Llama run folder scored by 1 worker and by `gpus` workers through
 infer.scoring's worker split; tokens/s and whether the logits are identical.
 attn: flex-attention tile options on one packed batch with each model's attention shapes.

@@ -69,6 +69,7 @@ def test_flag_spelling_maps_to_key():
         ("format.template=chatml", "format.template must be one of"),
         ("model.quantization=3bit", "model.quantization must be"),
         ("model.gguf_file=x.gguf", "cannot re-quantise"),
+        ("infer.fp8=true", "infer.fp8=true needs model.quantization=none"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -113,9 +114,31 @@ def test_packed_training_matches_padded_on_cuda(arch, compile, request, tiny_tok
     packed_vs_padded_training(request.getfixturevalue(arch), tiny_tokenizer, sample_rows, torch.device("cuda"), compile)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores")
-def test_fp8_packed_compiled_on_cuda_stays_close_to_bf16(cuda_run):
-    """_scaled_mm's row-wise kernel inside compiled layers: same ids, probabilities close to the bf16 path."""
+
+needs_fp8 = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                               reason="needs fp8 tensor cores (compute capability >= 8.9)")
+
+
+@needs_fp8
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_linear_on_cuda_is_the_product_of_its_quantised_operands(compiled):
+    """torch._scaled_mm's row-wise kernel computes the dequantised product (bf16 output rounding apart)."""
+    from infer.fp8 import Fp8Linear, quantize_rows
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)  # 37 rows: not a multiple of 16
+    fp8 = Fp8Linear(linear)
+    out = (torch.compile(fp8, dynamic=False) if compiled else fp8)(x)
+    xq, xs = quantize_rows(x)
+    expected = (xq.float() * xs) @ (fp8.weight.float() * fp8.weight_scale.T).T
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_fp8
+def test_fp8_packed_compiled_predict_on_cuda(cuda_run):
+    """The whole predict path with infer.fp8 on CUDA: ids kept, rows sum to 1, near the bf16 path."""
     from infer.predict import PredictConfig
 
     df = read_competition_csv(SAMPLE / "test.csv")[0]
@@ -123,5 +146,10 @@ def test_fp8_packed_compiled_on_cuda_stays_close_to_bf16(cuda_run):
     reference = predict_frame([load_run(cuda_run, bf16)], df)
     fp8 = predict_frame([load_run(cuda_run, dataclasses.replace(bf16, fp8=True))], df)
     assert fp8["id"].tolist() == reference["id"].tolist()
-    diff = (fp8.drop(columns="id") - reference.drop(columns="id")).abs().to_numpy()
-    assert diff.max() < 0.03, diff.max()
+    probs = fp8.drop(columns="id").to_numpy()
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    diff = np.abs(probs - reference.drop(columns="id").to_numpy())
+    print(f"fp8 vs bf16 |dp|: max {diff.max():.3g}, mean {diff.mean():.3g}")
+    # fp8 keeps 3 mantissa bits: on SmolLM2 it moves probabilities by 0.04 on average (README); this
+    # bound only catches a broken kernel or a lost row order, not the precision.
+    assert diff.max() < 0.25, diff.max()

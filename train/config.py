@@ -68,3 +68,9 @@ class TrainConfig:
             raise ValueError(f"train.layout must be padded or packed, got {self.train.layout!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")
+        if self.infer.fp8 and self.model.quantization != "none":
+            # The fold's OOF is scored on the training base; fp8 needs it unquantised and merged.
+            raise ValueError(
+                f"infer.fp8=true needs model.quantization=none (this run trains on {self.model.quantization}); "
+                "score a 4/8-bit run in fp8 with `python -m infer predict ... quantization=none fp8=true`"
+            )
