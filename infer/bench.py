@@ -243,7 +243,8 @@ def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dic
     if fp8_capable(cfg):
         prepare(model, InferSettings(fp8=True), "packed")
         for m in cfg.max_lengths:
-            add("repo fp8 packed, merged, compiled (infer.fp8)", repo_scorer(model, "packed", max(cfg.token_budget, m)), m)
+            budget = max(cfg.token_budget, m)
+            add("repo fp8 packed, merged, compiled (infer.fp8)", repo_scorer(model, "packed", budget), m)
         if cfg.profile:
             profiles[f"{arch}-fp8"] = kernel_profile(model, lengths[first], cfg.token_budget)
     del model, base

@@ -52,33 +52,52 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
 
 
-def check_fp8_device(device: torch.device, dtype: torch.dtype) -> None:
-    """fp8 tensor cores and their bf16 output, or a ConfigError that says which GPU lacks them."""
+def check_fp8_settings(quantization: str, compute_dtype: str) -> None:
+    """Settings under which fp8 cannot run, refused before any model loads (ValueError)."""
+    if quantization != "none":
+        raise ValueError(f"infer.fp8=true needs an unquantised base, not model.quantization={quantization} "
+                         "(infer predict / kaggle: quantization=none)")
+    if compute_dtype == "float16":
+        raise ValueError("infer.fp8=true writes bf16 matmul outputs, not model.compute_dtype=float16 "
+                         "(infer predict / kaggle: compute_dtype=bfloat16)")
+
+
+def check_fp8_device(device: torch.device, dtype: torch.dtype) -> str:
+    """'' when this GPU runs row-wise scaled fp8 matmuls, a note on CPU; else a ConfigError saying why not."""
     if device.type != "cuda":
-        return  # torch computes _scaled_mm on CPU too (slowly): the tests use it
-    capability = torch.cuda.get_device_capability(device)
+        return " (emulated on CPU: slower, not faster)"  # torch computes _scaled_mm there too: the tests use it
+    name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
-        raise ConfigError(
-            f"infer.fp8=true needs fp8 tensor cores (compute capability >= 8.9: H100, H200, L4, RTX 40xx); "
-            f"{device} is {torch.cuda.get_device_name(device)} ({capability[0]}.{capability[1]}). Set infer.fp8=false."
-        )
+        raise ConfigError(f"infer.fp8=true needs fp8 tensor cores (compute capability >= 8.9: H100, H200, L4, "
+                          f"RTX 40xx); {device} is {name} ({capability[0]}.{capability[1]}). Set infer.fp8=false.")
     if dtype != torch.bfloat16:
-        raise ConfigError(f"infer.fp8=true writes bf16 matmul outputs on CUDA; model.compute_dtype is {dtype}, set it to bfloat16")
+        raise ConfigError(f"infer.fp8=true writes bf16 matmul outputs on CUDA; the model computes in {dtype}: "
+                          "set model.compute_dtype (infer predict: compute_dtype) to bfloat16")
+    try:  # row-wise scaling reached Ada (8.9) GPUs in a later torch than Hopper: ask the kernel, not a table
+        probe = torch.ones(16, 16, device=device).to(E4M3)
+        ones = torch.ones(16, 1, device=device)
+        torch._scaled_mm(probe, probe.t(), scale_a=ones, scale_b=ones.t(), out_dtype=torch.bfloat16)
+    except RuntimeError as err:
+        raise ConfigError(f"infer.fp8=true: torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on "
+                          f"{name}: {err}. Upgrade torch or set infer.fp8=false.") from None
+    return ""
 
 
 def to_fp8(model) -> str:
-    """Put a PooledClassifier's decoder projections in fp8 (after merge_lora); returns what was done, for the log."""
+    """Put a PooledClassifier's decoder projections in fp8 (after merge_lora); returns what was done."""
     from peft import PeftModel
 
     base = model.base
     if isinstance(model.model, PeftModel):
         raise ConfigError("infer.fp8=true needs LoRA merged into the base first: infer.merge_lora=true on an "
-                          "unquantised base (model.quantization=none)")
+                          "unquantised base (model.quantization=none; infer predict: merge_lora=true "
+                          "quantization=none)")
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        raise ConfigError("infer.fp8=true needs an unquantised base (model.quantization=none), not 4/8-bit weights")
+        raise ConfigError("infer.fp8=true needs an unquantised base, not 4/8-bit weights "
+                          "(model.quantization=none; infer predict: quantization=none)")
     backbone = getattr(base, base.base_model_prefix)
     embedding = backbone.get_input_embeddings().weight
-    check_fp8_device(embedding.device, embedding.dtype)
+    note = check_fp8_device(embedding.device, embedding.dtype)
     count = 0
     for layer in backbone.layers:
         for parent in list(layer.modules()):
@@ -88,4 +107,5 @@ def to_fp8(model) -> str:
                     count += 1
     if count == 0 and not any(isinstance(m, Fp8Linear) for m in backbone.modules()):
         raise ConfigError("infer.fp8=true: the decoder layers hold no nn.Linear projections to convert")
-    return f"{count} decoder projections in fp8 e4m3" if count else "decoder projections already in fp8"
+    done = f"{count} decoder projections in fp8 e4m3" if count else "decoder projections already in fp8"
+    return done + note

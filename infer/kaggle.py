@@ -45,7 +45,8 @@ class KaggleConfig:
     workers: int = opt(2, "workers per run: one per GPU (Kaggle: 2 x T4), or CPU processes")
     quantization: str = opt("8bit", "4bit | 8bit | none for the base model; empty: as trained")
     compute_dtype: str = opt("float16", "float16 (T4 has no bf16) | bfloat16 | float32; empty: as trained")
-    fp8: bool = opt(False, "fp8 projections (infer.fp8; quantization=none on a GPU of compute capability >= 8.9; Kaggle's T4 has none)")
+    fp8: bool = opt(False, "fp8 projections (infer.fp8): needs quantization=none compute_dtype=bfloat16 and "
+                           "compute capability >= 8.9; Kaggle's T4 has no fp8")
     tta: str = opt("true", "swap TTA: true | false | run (as each run's config says)")
     device: str = opt("", "auto | cpu | cuda; empty: as each run's config says")
     verify: bool = opt(True, "check every dataset file's sha256 against manifest.json before predicting")
@@ -164,8 +165,8 @@ def _predict_overrides(cfg: KaggleConfig, base: str):
     if cfg.tta not in ("true", "false", "run"):
         raise ConfigError(f"tta must be true, false or run, got {cfg.tta!r}")
     return PredictConfig(
-        base_path=base, quantization=cfg.quantization, compute_dtype=cfg.compute_dtype, workers=cfg.workers, fp8=cfg.fp8,
-        tta=None if cfg.tta == "run" else cfg.tta == "true", device=cfg.device,
+        base_path=base, quantization=cfg.quantization, compute_dtype=cfg.compute_dtype, workers=cfg.workers,
+        fp8=cfg.fp8, tta=None if cfg.tta == "run" else cfg.tta == "true", device=cfg.device,
     )
 
 

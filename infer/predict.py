@@ -28,6 +28,7 @@ import yaml
 from data.config import ConfigError, UserError, cli_config, from_dict, opt, run_cli
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
+from infer.fp8 import check_fp8_settings
 from infer.model import AdapterError, ModelConfig, check_base, pick_device
 from infer.packing import resolve_layout
 from infer.scoring import InferSettings, plan_batches, run_shares, split_batches, unbatch
@@ -107,6 +108,11 @@ def load_run(path: Path, overrides: PredictConfig | None = None, need_base: bool
                 run.format = dataclasses.replace(run.format, infer_max_length=overrides.infer_max_length)
             run.model = dataclasses.replace(run.model, **model_changes)
             run.infer = dataclasses.replace(run.infer, **infer_changes)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if run.infer.fp8:
+        try:
+            check_fp8_settings(run.model.quantization, run.model.compute_dtype)
         except ValueError as err:
             raise ConfigError(f"{path}: {err}") from None
     if need_base:

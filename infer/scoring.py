@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data.config import opt
-from infer.model import ModelConfig, PooledClassifier, compile_layers, load_for_inference, merge_lora
 from infer.fp8 import to_fp8
+from infer.model import ModelConfig, PooledClassifier, compile_layers, load_for_inference, merge_lora
 from infer.packing import LAYOUTS, pack_batch, pack_rows
 
 
@@ -30,7 +30,8 @@ class InferSettings:
     max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
     layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
     merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
-    fp8: bool = opt(False, "after merging LoRA, run the decoder's projections in fp8 e4m3 (per-channel weight and per-token activation scales; infer/fp8.py): faster matmuls on compute capability >= 8.9 (H100, L4), slightly different probabilities")
+    fp8: bool = opt(False, "fp8 e4m3 decoder projections after the LoRA merge (infer/fp8.py): faster on compute "
+                           "capability >= 8.9 (H100, L4) with the packed layout + compile; changes probabilities a little")
     compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, 3-5 min Gemma-2 on a cold cache)")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
@@ -41,6 +42,8 @@ class InferSettings:
             raise ValueError(f"infer.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.token_budget < 1 or self.max_rows < 1:
             raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
+        if self.fp8 and not self.merge_lora:
+            raise ValueError("infer.fp8=true converts the merged weights: it needs infer.merge_lora=true")
 
 
 def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:

@@ -55,8 +55,9 @@ def test_to_fp8_swaps_every_decoder_projection_and_nothing_else(arch, request):
     with torch.inference_mode():
         before = model(*pad_batch(seqs, 0))
     embedding = model.base.get_input_embeddings().weight.clone()
-    assert to_fp8(model) == "14 decoder projections in fp8 e4m3"  # 2 layers x q/k/v/o/gate/up/down
-    assert to_fp8(model) == "decoder projections already in fp8"
+    cpu = " (emulated on CPU: slower, not faster)"
+    assert to_fp8(model) == "14 decoder projections in fp8 e4m3" + cpu  # 2 layers x q/k/v/o/gate/up/down
+    assert to_fp8(model) == "decoder projections already in fp8" + cpu
     backbone = getattr(model.base, model.base.base_model_prefix)
     assert not any(type(m) is torch.nn.Linear for m in backbone.layers.modules())
     assert type(model.base.score) is torch.nn.Linear and torch.equal(model.base.get_input_embeddings().weight, embedding)
@@ -80,6 +81,20 @@ def test_fp8_refuses_unmerged_lora_quantised_bases_and_old_gpus(llama_run, monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(ConfigError, match="bfloat16"):
         check_fp8_device(torch.device("cuda:0"), torch.float16)
+
+
+def test_settings_fp8_cannot_run_with_are_refused_before_any_model_loads(llama_run):
+    from data.config import load_config
+    from train.config import TrainConfig
+
+    fp8 = ["model.quantization=none", "infer.fp8=true"]
+    assert load_config(TrainConfig, fp8).infer.fp8
+    with pytest.raises(ConfigError, match="needs infer.merge_lora=true"):
+        load_config(TrainConfig, [*fp8, "infer.merge_lora=false"])
+    with pytest.raises(ConfigError, match="not model.compute_dtype=float16"):
+        load_config(TrainConfig, [*fp8, "model.compute_dtype=float16"])
+    with pytest.raises(ConfigError, match=r"fold0-seed42: infer.fp8=true needs an unquantised base.*quantization=none"):
+        load_run(llama_run, PredictConfig(fp8=True))  # a 4-bit run, scored as trained
 
 
 def test_predict_with_fp8_keeps_ids_and_stays_close(llama_run, sample_rows):

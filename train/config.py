@@ -5,6 +5,7 @@ import dataclasses
 
 from data.config import opt
 from data.formatter import FormatConfig
+from infer.fp8 import check_fp8_settings
 from infer.model import ModelConfig
 from infer.scoring import InferSettings
 
@@ -68,9 +69,9 @@ class TrainConfig:
             raise ValueError(f"train.layout must be padded or packed, got {self.train.layout!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")
-        if self.infer.fp8 and self.model.quantization != "none":
-            # The fold's OOF is scored on the training base; fp8 needs it unquantised and merged.
-            raise ValueError(
-                f"infer.fp8=true needs model.quantization=none (this run trains on {self.model.quantization}); "
-                "score a 4/8-bit run in fp8 with `python -m infer predict ... quantization=none fp8=true`"
-            )
+        if self.infer.fp8:
+            try:
+                check_fp8_settings(self.model.quantization, self.model.compute_dtype)
+            except ValueError as err:  # the fold's OOF is scored on the training base
+                raise ValueError(f"{err}; to score a 4/8-bit run in fp8 afterwards: python -m infer predict ... "
+                                 "quantization=none compute_dtype=bfloat16 fp8=true") from None
