@@ -74,9 +74,8 @@ def check_fp8_device(device: torch.device, dtype: torch.dtype) -> str:
         raise ConfigError(f"infer.fp8=true writes bf16 matmul outputs on CUDA; the model computes in {dtype}: "
                           "set model.compute_dtype (infer predict: compute_dtype) to bfloat16")
     try:  # row-wise scaling reached Ada (8.9) GPUs in a later torch than Hopper: ask the kernel, not a table
-        probe = torch.ones(16, 16, device=device).to(E4M3)
-        ones = torch.ones(16, 1, device=device)
-        torch._scaled_mm(probe, probe.t(), scale_a=ones, scale_b=ones.t(), out_dtype=torch.bfloat16)
+        probe = Fp8Linear(nn.Linear(16, 16, bias=False, device=device, dtype=dtype))
+        probe(torch.ones(16, 16, device=device, dtype=dtype))
     except RuntimeError as err:
         raise ConfigError(f"infer.fp8=true: torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on "
                           f"{name}: {err}. Upgrade torch or set infer.fp8=false.") from None
