@@ -31,7 +31,7 @@ class InferSettings:
     layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
     merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
     fp8: bool = opt(False, "fp8 e4m3 decoder projections after the LoRA merge (infer/fp8.py): faster on compute "
-                           "capability >= 8.9 (H100, L4) with the packed layout + compile; changes probabilities a little")
+                           "capability >= 8.9 (H100, L4) with the packed layout + compile; changes probabilities (README: Performance)")
     compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, 3-5 min Gemma-2 on a cold cache)")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
