@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from data.config import ConfigError
+from infer.model import is_quantised
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -91,7 +92,7 @@ def to_fp8(model) -> str:
         raise ConfigError("infer.fp8=true needs LoRA merged into the base first: infer.merge_lora=true on an "
                           "unquantised base (model.quantization=none; infer predict: merge_lora=true "
                           "quantization=none)")
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+    if is_quantised(base):
         raise ConfigError("infer.fp8=true needs an unquantised base, not 4/8-bit weights "
                           "(model.quantization=none; infer predict: quantization=none)")
     backbone = getattr(base, base.base_model_prefix)

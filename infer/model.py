@@ -184,6 +184,11 @@ class PooledClassifier(nn.Module):
         return getattr(base, HEAD)(pooled.float()).float()
 
 
+def is_quantised(base: nn.Module) -> bool:
+    """bitsandbytes 4/8-bit weights: LoRA cannot be merged into them, nor fp8 taken from them."""
+    return getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+
+
 def merge_lora(model: PooledClassifier) -> str:
     """Fold LoRA into unquantised base weights (one matmul per projection instead of three).
 
@@ -194,7 +199,7 @@ def merge_lora(model: PooledClassifier) -> str:
 
     if not isinstance(model.model, PeftModel):
         return "LoRA already merged"
-    if getattr(model.base, "is_loaded_in_4bit", False) or getattr(model.base, "is_loaded_in_8bit", False):
+    if is_quantised(model.base):
         return "LoRA kept unmerged (quantised base)"
     head = getattr(model.base, HEAD).modules_to_save.default.weight.detach().clone()
     model.model = model.model.merge_and_unload()
