@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from data.config import cli_config, opt, run_cli
+from cli.config import cli_config, opt, run_cli
 from data.io import DataError, pair_key, prompt_key, read_checked_csv, read_competition_csv
 
 FOLD_COLS = ("id", "fold")

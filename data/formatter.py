@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from data.config import opt
+from cli.config import opt
 
 FORMATTER_NAME = "arena-pref"
 # Bump when the token ids produced for the same input and config change: adapters record it.

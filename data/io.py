@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.config import UserError
+from cli.config import UserError
 
 TEXT_COLS = ("prompt", "response_a", "response_b")
 LABEL_COLS = ("winner_model_a", "winner_model_b", "winner_tie")

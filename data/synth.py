@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.config import cli_config, opt, run_cli
+from cli.config import cli_config, opt, run_cli
 from data.io import LABEL_COLS, read_competition_csv
 
 GOOD = ["excellent", "correct", "clear", "helpful", "precise", "accurate", "thorough", "concise", "insightful",

@@ -6,7 +6,7 @@ Usage:
     python -m infer plan ...       estimate the wall time of a prediction job before running it
     python -m infer report ...     Markdown + PNG report for OOF files
     python -m infer kaggle ...     Kaggle entry: exported dataset -> submission.csv (see python -m train.export)
-    python -m infer bench ...      GPU throughput / exactness benchmark of this module against the seed method
+    python -m bench.infer ...      GPU throughput / exactness benchmark of this module against the seed method
     python -m infer <command> --help
 """
 import sys
@@ -28,7 +28,7 @@ def main() -> None:
         raise SystemExit(0 if asked_for_help else 2)
     import importlib
 
-    from data.config import run_cli
+    from cli.config import run_cli
 
     command = importlib.import_module(COMMANDS[sys.argv[1]])
     run_cli(lambda: command.main(sys.argv[2:]))

@@ -30,15 +30,15 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize, minimize_scalar
 
-from data.config import ConfigError, cli_config, opt, run_cli
+from cli.config import ConfigError, cli_config, opt, run_cli
 from data.features import FEATURES, length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
-from infer.predict import log_loss, softmax, write_predictions
-from train.length import MODEL_FILE, fit_logistic, logistic_proba
+from infer.length import MODEL_FILE, fit_logistic, logistic_proba
+from infer.metrics import PRED_COLS, check_probs, log_loss, softmax, some_ids
+from infer.predict import write_predictions
 
 METHODS = ("prob_avg", "logprob_avg", "stack")
-PRED_COLS = ("id", *LABEL_COLS)
 RESERVED = ("prior", "ensemble", "ensemble_nested")  # keys of oof_log_loss next to member names
 EPS = 1e-15  # the clip of Kaggle's metric, so no log is ever -inf
 RECIPE_VERSION = 1
@@ -59,45 +59,21 @@ class EnsembleConfig:
     drop_bad_rows: bool = opt(False, "drop unparseable label rows (as the members' training did) instead of stopping")
 
 
-def _ids(values, limit: int = 20) -> list:
-    return sorted(set(values), key=str)[:limit]
-
-
-def check_preds(frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    """`frame` if it is id + 3 probabilities with unique ids, no NaN or negatives, rows summing to 1."""
-    check_columns(frame, PRED_COLS, source)
-    problems = []
-    dup = frame["id"][frame["id"].duplicated(keep=False)]
-    if len(dup):
-        problems.append(f"duplicate ids {_ids(dup)}")
-    values = frame[list(LABEL_COLS)].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    ids = frame["id"].to_numpy()
-    nan = np.isnan(values).any(axis=1)
-    for what, bad in (("NaN or non-numeric probabilities", nan),
-                      ("negative probabilities", ~nan & (values < 0).any(axis=1)),
-                      ("rows not summing to 1 (within 1e-6)", ~nan & (np.abs(values.sum(axis=1) - 1) > 1e-6))):
-        if bad.any():
-            problems.append(f"{what} for {bad.sum()} id(s) {_ids(ids[bad])}")
-    if problems:
-        raise DataError(f"{source}: " + "; ".join(problems))
-    return frame
-
-
 def aligned_probs(member_preds: dict[str, pd.DataFrame], names: list[str], ids: pd.Series, what: str) -> np.ndarray:
     """(members, rows, 3) probabilities in the order of `ids`, after checking every member covers exactly `ids`."""
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
-        raise DataError(f"{what}: the rows repeat ids {_ids(dup)}")
+        raise DataError(f"{what}: the rows repeat ids {some_ids(dup)}")
     missing, extra = [n for n in names if n not in member_preds], sorted(set(member_preds) - set(names))
     if missing or extra:
         raise DataError(f"{what}: predictions missing for member(s) {missing}, given for unknown member(s) {extra}")
     out = []
     for name in names:
-        frame = check_preds(member_preds[name], f"{what} of member {name!r}")
+        frame = check_probs(member_preds[name], f"{what} of member {name!r}")
         absent, surplus = set(ids) - set(frame["id"]), set(frame["id"]) - set(ids)
         if absent or surplus:
             raise DataError(f"{what} of member {name!r}: id set differs from the rows: {len(absent)} missing "
-                            f"{_ids(absent)}, {len(surplus)} not among them {_ids(surplus)}")
+                            f"{some_ids(absent)}, {len(surplus)} not among them {some_ids(surplus)}")
         out.append(frame.set_index("id").loc[list(ids), list(LABEL_COLS)].to_numpy(float))
     return np.stack(out)
 
@@ -244,7 +220,7 @@ def read_member(spec: str, seed: int, folds: list[int]) -> tuple[dict, pd.DataFr
     else:
         raise DataError(f"{path}: not a member directory (neither {MODEL_FILE} nor oof-seed{seed}.csv; "
                         "run `python -m train <cfg> fold=all` or `python -m train.length` first)")
-    return entry, check_preds(read_checked_csv(oof_file, PRED_COLS), str(oof_file))
+    return entry, check_probs(read_checked_csv(oof_file, PRED_COLS), str(oof_file))
 
 
 def format_report(recipe: dict, cfg: EnsembleConfig, rows: int) -> str:

@@ -2,7 +2,7 @@
 
 Usage:
     python -m infer plan runs=runs/gemma2-9b-qlora/fold0-seed42,runs/llama3-8b-qlora/fold0-seed42 \\
-        csv=input/test.csv [hardware=t4x2] [budget_hours=9] [tta=false] [throughput=1170]
+        csv=input/test.csv [hardware=t4x2] [budget_hours=9] [infer.tta=false] [throughput=1170]
 
 Each run (ensemble member) is read without its model: its saved tokenizer and formatter settings
 format every row of the CSV exactly as `infer predict` would (inference max length; both passes
@@ -13,7 +13,7 @@ throughput= or from the throughput table (infer/throughput.yaml), keyed by hardw
 model family: `model_type` in the base model's config.json, or family= when that file cannot be
 read. The table's rates count real (unpadded) tokens; count=padded divides the padded count
 instead, for a rate measured that way. Over budget_hours a WARN line is printed with the minutes
-each knob would save (tta=false, format.infer_max_length at the 90th percentile of row lengths,
+each knob would save (infer.tta=false, format.infer_max_length at the 90th percentile of row lengths,
 dropping the slowest member); the exit code stays 0.
 """
 from __future__ import annotations
@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data.config import ConfigError, cli_config, opt
+from cli.config import ConfigError, cli_config, opt
 from data.io import read_competition_csv
-from infer.model import resolve_path
-from infer.predict import Run, load_run, run_formatter
-from infer.scoring import InferSettings, plan_batches
+from infer.scoring import plan_batches
+from model.factory import resolve_path
+from model.run import Run, load_run
+from model.settings import InferSettings
 
 DEFAULT_TABLE = Path(__file__).with_name("throughput.yaml")
 COUNTS = ("real", "padded")
@@ -50,15 +51,13 @@ class PlanConfig:
     family: str = opt("", "model family for the table when a base model's config.json cannot be read (gemma2, llama)")
     count: str = opt("real", "which tokens the rate counts: real (unpadded, as the table) or padded")
     budget_hours: float = opt(9.0, "time budget (a Kaggle GPU notebook: 9 h); over it, WARN and the knobs to turn")
-    tta: bool | None = opt(None, "swap TTA on/off for every member; unset: as each run's config says")
+    infer: InferSettings = dataclasses.field(default_factory=InferSettings, metadata={
+        "help": "inference settings (tta, token_budget, layout, ...); only the keys given override each run's saved ones"})
 
 
-def read_run(path: Path, tta: bool | None = None) -> Run:
-    """A run folder's saved settings and tokenizer; the base model and adapter are not needed."""
-    run = load_run(Path(path), need_base=False)
-    if tta is not None:
-        run.infer = dataclasses.replace(run.infer, tta=tta)
-    return run
+def read_run(path: Path, infer: dict | None = None) -> Run:
+    """A run folder's saved settings and tokenizer (verified); the base model is not needed."""
+    return load_run(Path(path), infer, need_base=False)
 
 
 def member_name(run: Run) -> str:
@@ -107,7 +106,7 @@ class ThroughputTable:
 
 def row_lengths(run: Run, df: pd.DataFrame, swaps: list[bool]) -> list[list[int]]:
     """Per pass: the token count of every row as `infer predict` formats it for this run."""
-    formatter = run_formatter(run)
+    formatter = run.formatter()
     out = []
     for swap in swaps:
         lengths: list[int] = []
@@ -196,7 +195,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
     out = [f"WARN: estimated {total:.1f} min ({total / 60:.2f} h) exceeds budget_hours={budget_hours:g} ({budget:.0f} min)"]
     if any(len(m["passes"]) > 1 for m in members):
         plain = sum(minutes(m["passes"][:1], m["run"].infer, m["layout"], m["rate"], count) for m in members)
-        out.append(f"  tta=false: {outcome(plain)}")
+        out.append(f"  infer.tta=false: {outcome(plain)}")
     capped, changes = 0.0, {}
     for m in members:
         limit = m["run"].format.infer_max_length or m["run"].format.max_length
@@ -230,12 +229,12 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = cli_config(PlanConfig, __doc__, argv)
+    cfg, given = cli_config(PlanConfig, __doc__, argv, given=True)
     if not cfg.runs or not cfg.csv:
         raise ConfigError("runs= and csv= are required (see python -m infer plan --help)")
     if cfg.throughput < 0 or cfg.budget_hours <= 0:
         raise ConfigError(f"throughput must be >= 0 and budget_hours > 0, got {cfg.throughput}, {cfg.budget_hours}")
-    runs = [read_run(Path(r), cfg.tta) for r in cfg.runs]
+    runs = [read_run(Path(r), given.get("infer")) for r in cfg.runs]
     if cfg.throughput:
         throughput_for, source = (lambda run: cfg.throughput), [f"throughput={cfg.throughput:g} tokens/s for every member"]
     else:

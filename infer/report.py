@@ -27,12 +27,12 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from data.config import ConfigError, cli_config, opt
+from cli.config import ConfigError, cli_config, opt
 from data.features import length_features
 from data.folds import read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
-from infer.ensemble import check_preds
-from infer.predict import log_loss
+from infer.metrics import check_probs, log_loss
+
 
 matplotlib.use("Agg")  # files only: training boxes and CI have no display; must precede pyplot
 import matplotlib.pyplot as plt
@@ -80,7 +80,7 @@ def model_name(path: Path) -> str:
 
 
 def join_oof(path: Path, labels_df: pd.DataFrame, folds_df: pd.DataFrame) -> Scored:
-    oof = check_preds(read_checked_csv(path, ("id", *LABEL_COLS)), str(path))
+    oof = check_probs(read_checked_csv(path, ("id", *LABEL_COLS)), str(path))
     probs = oof[list(LABEL_COLS)].to_numpy(dtype=float)
     for other, source in ((labels_df, "the labels file"), (folds_df, "the folds file")):
         missing = oof["id"][~oof["id"].isin(other["id"])]

@@ -1,6 +1,6 @@
 """Batches and workers: how `infer predict` turns token ids into logits, on one GPU or several.
 
-Rows are cut into batches in one of two layouts (infer.packing: `packed`, rows end to end with no
+Rows are cut into batches in one of two layouts (model.packing: `packed`, rows end to end with no
 padding; or `padded`, right-padded rows), whole batches are spread over N workers by the tokens
 they compute, and each worker loads the run once, applies the inference-only speed-ups (merged
 LoRA, fp8 projections if asked, compiled layers) and scores its batches. Nothing here knows about
@@ -16,34 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data.config import opt
-from infer.fp8 import to_fp8
-from infer.model import ModelConfig, PooledClassifier, compile_layers, load_for_inference, merge_lora
-from infer.packing import LAYOUTS, pack_batch, pack_rows
-
-
-@dataclasses.dataclass
-class InferSettings:
-    """Saved in every run's config; `infer predict` uses them unless told otherwise."""
-
-    token_budget: int = opt(16384, "tokens per batch: packed, every batch is exactly this wide; padded, rows x longest row <= this")
-    max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
-    layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
-    merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
-    fp8: bool = opt(False, "fp8 e4m3 decoder projections after the LoRA merge (infer/fp8.py): faster on compute "
-                           "capability >= 8.9 (H100, L4) with the packed layout + compile; changes probabilities (README: Performance)")
-    compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, 3-5 min Gemma-2 on a cold cache)")
-    tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
-    workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
-    device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
-
-    def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"infer.layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.token_budget < 1 or self.max_rows < 1:
-            raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
-        if self.fp8 and not self.merge_lora:
-            raise ValueError("infer.fp8=true converts the merged weights: it needs infer.merge_lora=true")
+from model.factory import PooledClassifier, compile_layers, merge_lora
+from model.fp8 import to_fp8
+from model.packing import make_inputs, pack_rows
+from model.run import load_model
+from model.settings import InferSettings, ModelConfig
 
 
 def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
@@ -76,25 +53,6 @@ def split_batches(batches: list[list[int]], costs: list[int], n_workers: int) ->
         shares[w].append(batches[j])
         load[w] += costs[j]
     return shares
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask; pooling reads the mask, so pad id is irrelevant."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[r, : len(seq)] = 1
-    return ids, mask
-
-
-def make_inputs(seqs: list[list[int]], pad_id: int, layout: str, width: int) -> dict[str, torch.Tensor]:
-    """Model inputs of one batch in the given layout (PooledClassifier takes either)."""
-    if layout == "packed":
-        return pack_batch(seqs, pad_id, width)
-    ids, mask = pad_batch(seqs, pad_id)
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def prepare(model: PooledClassifier, infer: InferSettings, layout: str) -> list[str]:
@@ -157,7 +115,7 @@ def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, b
     else:
         torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
     infer = InferSettings(**infer_cfg)
-    model = load_for_inference(Path(run_path), ModelConfig(**model_cfg), dev, pad_id, packed=layout == "packed")
+    model = load_model(Path(run_path), ModelConfig(**model_cfg), dev, pad_id, packed=layout == "packed")
     print(f"worker {rank} ({device}, {layout} layout): {'; '.join(prepare(model, infer, layout))}")
     logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
     if stats["steady_s"] > 0:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 
 from conftest import SAMPLE
-from infer.bench import BenchConfig, random_rows
-from infer.bench_checks import exact
+from bench.infer import BenchConfig, random_rows
+from bench.infer_checks import exact
 
 
 def test_random_rows_have_arena_like_lengths():
@@ -37,8 +37,8 @@ def test_exactness_report_has_the_fp8_path_in_bf16(tiny_llama):
 
 
 def test_training_bench_runs_every_variant_on_a_tiny_model(tmp_path):
-    from infer.bench import random_rows
-    from train.bench import main as train_bench_main
+    from bench.infer import random_rows
+    from bench.train import main as train_bench_main
 
     train_bench_main([f"out={tmp_path}", "models=tiny", "max_lengths=64", "steps=4", "warmup=1", "device=cpu",
                       "batch_size=2", "grad_accum=2"])

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from data.config import ConfigError, build_config, load_config
+from cli.config import ConfigError, build_config, load_config
 from train.config import TrainConfig
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -69,7 +69,7 @@ def test_flag_spelling_maps_to_key():
         ("format.template=chatml", "format.template must be one of"),
         ("model.quantization=3bit", "model.quantization must be"),
         ("model.gguf_file=x.gguf", "cannot re-quantise"),
-        ("infer.fp8=true", "infer.fp8=true needs an unquantised base.*quantization=none compute_dtype=bfloat16 fp8=true"),
+        ("infer.fp8=true", "infer.fp8=true needs an unquantised base.*infer.quantization=none infer.compute_dtype=bfloat16 infer.fp8=true"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

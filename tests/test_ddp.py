@@ -33,7 +33,7 @@ def test_balanced_order_gives_the_ranks_equal_tokens_per_step():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from infer.bench import random_rows
+    from bench.infer import random_rows
     from train.distributed import RankBalancedSampler, balanced_order
 
     lengths = [len(r) for r in random_rows(8 * 2 * 50, 1024, 100)]

@@ -17,8 +17,9 @@ from data.features import length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, read_competition_csv
 from infer.ensemble import apply_recipe, fit_ensemble, load_recipe
-from infer.predict import log_loss, softmax
-from train.length import cross_validate, fit_length_model, predict_length
+from infer.metrics import log_loss, softmax
+from infer.length import predict_length
+from train.length import cross_validate, fit_length_model
 from train.length import main as length_main
 
 from conftest import ENV, REPO, SAMPLE
@@ -260,7 +261,7 @@ def test_member_at_seed_reads_that_seeds_runs(tmp_path):
 
 
 def test_length_member_with_a_seed_is_refused(tmp_path, sample_folds):
-    from data.config import ConfigError
+    from cli.config import ConfigError
     from infer.ensemble import read_member
 
     length_main([f"csv={SAMPLE / 'train.csv'}", f"folds={sample_folds}", f"out={tmp_path / 'length'}"])

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,12 @@ import pandas as pd
 import pytest
 
 from conftest import ENV, SAMPLE
-from data.config import run_cli
+from cli.config import run_cli
 from data.io import LABEL_COLS, read_competition_csv
-from infer.kaggle import MANIFEST, file_table, verify_files
-from infer.model import AdapterError, head_checksum
+from model.run import MANIFEST, file_table, verify_files, write_manifest
+from model.factory import head_checksum
 from infer.predict import load_run, predict_frame
+from train.export import ExportError
 from train.export import main as export_main
 
 DATASET_ID = "tester/arena-pref-tiny"
@@ -41,7 +43,7 @@ def member(llama_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(member, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "arena-pref-tiny"
-    export_main([str(member), "--dataset-id", DATASET_ID, "--out", str(out), "--verify-rows", "4"])
+    export_main([f"runs={member}", f"dataset_id={DATASET_ID}", f"out={out}", "verify_rows=4"])
     return out
 
 
@@ -65,9 +67,10 @@ def pip_env() -> dict:
 
 def test_export_round_trips(exported, member):
     run = exported / "members" / "tiny-llama" / "fold0-seed42"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "manifest.json", "metrics.json", "tokenizer"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "manifest.json", "metrics.json", "oof.csv",
+                                                     "oof_passes.csv", "tokenizer"]
     manifest = json.loads((exported / MANIFEST).read_text())
-    assert manifest["files"] == file_table(exported) and verify_files(exported, manifest) == len(manifest["files"])
+    assert manifest["files"] == file_table(exported) and verify_files(exported, manifest["files"]) == len(manifest["files"])
     source_head = json.loads((member / "fold0-seed42" / "manifest.json").read_text())["head"]["sha256"]
     assert manifest["runs"]["members/tiny-llama/fold0-seed42"]["head_sha256"] == source_head
     assert manifest["members"]["tiny-llama"] == {"kind": "runs", "runs": ["fold0-seed42"], "predict": ["fold0-seed42"]}
@@ -113,8 +116,8 @@ def test_export_refuses_missing_or_changed_head(llama_run, tmp_path, damage):
     else:
         tensors[key] = tensors[key] + 1e-3
     save_file(tensors, run / ADAPTER)
-    with pytest.raises(AdapterError, match="no classification head" if damage == "removed" else "head checksum"):
-        export_main([str(run), "--dataset-id", DATASET_ID, "--out", str(tmp_path / "out")])
+    with pytest.raises(ExportError, match=re.escape(f"refusing to export {run}: {run / ADAPTER}: ")):
+        export_main([f"runs={run}", f"dataset_id={DATASET_ID}", f"out={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()  # refused before writing
 
 
@@ -123,7 +126,7 @@ def test_upload_without_credentials_says_what_is_missing(member, tmp_path, monke
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
-    argv = [str(member), "--dataset-id", DATASET_ID, "--out", str(tmp_path / "out"), "--upload"]
+    argv = [f"runs={member}", f"dataset_id={DATASET_ID}", f"out={tmp_path / 'out'}", "--upload"]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: export_main(argv))
     assert exit_info.value.code != 0
@@ -149,9 +152,9 @@ def test_kaggle_entry_end_to_end(exported, installed, tiny_llama, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import infer.kaggle; print(infer.kaggle.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(installed)
-    cmd = [sys.executable, str(dataset / "kaggle_infer.py"), "--no-install", "--competition", str(competition),
-           "--dataset", str(dataset), "--base", str(base), "--out", str(out), "--workers", "1",
-           "--quantization", "4bit", "--compute-dtype", "float32"]
+    cmd = [sys.executable, str(dataset / "kaggle_infer.py"), "--no-install", f"competition={competition}",
+           f"dataset={dataset}", f"base={base}", f"out={out}", "infer.workers=1",
+           "infer.quantization=4bit", "infer.compute_dtype=float32"]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "files match manifest.json" in result.stdout
@@ -163,8 +166,8 @@ def test_kaggle_entry_end_to_end(exported, installed, tiny_llama, tmp_path):
 
     reference = tmp_path / "reference.csv"
     predict_main([f"runs={dataset / 'members/tiny-llama/fold0-seed42'}", f"csv={competition / 'test.csv'}",
-                  f"sample_submission={competition / 'sample_submission.csv'}", f"out={reference}", f"base_path={base}",
-                  "quantization=4bit", "compute_dtype=float32", "workers=1", "tta=true"])
+                  f"sample_submission={competition / 'sample_submission.csv'}", f"out={reference}", f"infer.base_path={base}",
+                  "infer.quantization=4bit", "infer.compute_dtype=float32", "infer.workers=1", "infer.tta=true"])
     ref = pd.read_csv(reference)
     assert ref["id"].tolist() == sub["id"].tolist()
     np.testing.assert_allclose(sub[list(LABEL_COLS)].to_numpy(), ref[list(LABEL_COLS)].to_numpy(), atol=1e-6, rtol=0)
@@ -182,10 +185,10 @@ def test_merge_folds_averages_adapters(member, tmp_path):
     save_file(tensors, fold1 / ADAPTER, metadata={"format": "pt"})
     manifest = json.loads((fold1 / "manifest.json").read_text())
     manifest["head"]["sha256"] = head_checksum(next(v for k, v in tensors.items() if k.endswith("score.weight")))
-    (fold1 / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(fold1, manifest)  # resealed: a second fold as training would have written it
 
     out = tmp_path / "export"
-    export_main([str(folder), "--dataset-id", DATASET_ID, "--out", str(out), "--merge-folds", "--verify-rows", "4"])
+    export_main([f"runs={folder}", f"dataset_id={DATASET_ID}", f"out={out}", "--merge-folds", "verify_rows=4"])
     dataset_manifest = json.loads((out / MANIFEST).read_text())
     assert dataset_manifest["members"]["tiny-llama"]["predict"] == ["merged"]
     parity = dataset_manifest["merge"]["tiny-llama"]["parity"]
@@ -217,12 +220,12 @@ def test_recipe_export_and_entry(member, exported, tiny_llama, tmp_path):
     (runs_root / "ensemble").mkdir()
     (runs_root / "ensemble" / "recipe.json").write_text(json.dumps(recipe))
     out = tmp_path / "export"
-    export_main(["--recipe", str(runs_root / "ensemble" / "recipe.json"), "--dataset-id", DATASET_ID, "--out", str(out),
-                 "--verify-rows", "0"])
+    export_main([f"recipe={runs_root / 'ensemble' / 'recipe.json'}", f"dataset_id={DATASET_ID}", f"out={out}",
+                 "verify_rows=0"])
     assert (out / "recipe.json").is_file() and (out / "members/length/length_model.json").is_file()
     sub_path = tmp_path / "submission.csv"
-    kaggle_main(["--dataset", str(out), "--competition", str(SAMPLE), "--base", str(tiny_llama), "--out", str(sub_path),
-                 "--workers", "1", "--quantization", "4bit", "--compute-dtype", "float32", "--tta", "false"])
+    kaggle_main([f"dataset={out}", f"competition={SAMPLE}", f"base={tiny_llama}", f"out={sub_path}",
+                 "infer.workers=1", "infer.quantization=4bit", "infer.compute_dtype=float32", "infer.tta=false"])
     sub = pd.read_csv(sub_path)
     assert sub["id"].tolist() == pd.read_csv(SAMPLE / "sample_submission.csv")["id"].tolist()
     np.testing.assert_allclose(sub[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data.config import load_config
+from cli.config import load_config
 from data.folds import (
     EXTRA_FOLD,
     FoldsConfig,

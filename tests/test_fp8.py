@@ -5,18 +5,19 @@ swap, the refusals and the predict plumbing are all checked here; the speed is t
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from data.config import ConfigError
+from cli.config import ConfigError
 from data.io import LABEL_COLS
-from infer.fp8 import E4M3_MAX, Fp8Linear, check_fp8_device, quantize_rows, to_fp8
-from infer.model import ModelConfig, PooledClassifier, head_to_fp32, load_base
-from infer.predict import PredictConfig, load_run, predict_frame
-from infer.scoring import InferSettings, pad_batch, prepare
+from model.fp8 import E4M3_MAX, Fp8Linear, check_fp8_device, quantize_rows, to_fp8
+from model.factory import ModelConfig, PooledClassifier, head_to_fp32, load_base
+from infer.predict import load_run, predict_frame
+from infer.scoring import prepare
+from model.packing import pad_batch
+from model.settings import InferSettings
 
 CPU = torch.device("cpu")
 
@@ -69,9 +70,9 @@ def test_to_fp8_swaps_every_decoder_projection_and_nothing_else(arch, request):
 
 def test_fp8_refuses_unmerged_lora_quantised_bases_and_old_gpus(llama_run, monkeypatch):
     run = load_run(llama_run)  # a 4-bit run: LoRA stays unmerged
-    from infer.model import load_for_inference
+    from model.run import load_model
 
-    model = load_for_inference(llama_run, run.model, CPU, 0)
+    model = load_model(llama_run, run.model, CPU, 0)
     with pytest.raises(ConfigError, match="merged"):
         prepare(model, InferSettings(fp8=True, compile=False), "padded")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
@@ -84,24 +85,24 @@ def test_fp8_refuses_unmerged_lora_quantised_bases_and_old_gpus(llama_run, monke
 
 
 def test_settings_fp8_cannot_run_with_are_refused_before_any_model_loads(llama_run):
-    from data.config import load_config
+    from cli.config import load_config
     from train.config import TrainConfig
 
     fp8 = ["model.quantization=none", "infer.fp8=true"]
     assert load_config(TrainConfig, fp8).infer.fp8
     with pytest.raises(ConfigError, match="needs infer.merge_lora=true"):
         load_config(TrainConfig, [*fp8, "infer.merge_lora=false"])
-    with pytest.raises(ConfigError, match="not model.compute_dtype=float16"):
+    with pytest.raises(ConfigError, match="not compute_dtype=float16"):
         load_config(TrainConfig, [*fp8, "model.compute_dtype=float16"])
     with pytest.raises(ConfigError, match=r"fold0-seed42: infer.fp8=true needs an unquantised base.*quantization=none"):
-        load_run(llama_run, PredictConfig(fp8=True))  # a 4-bit run, scored as trained
+        load_run(llama_run, {"fp8": True})  # a 4-bit run, scored as trained
 
 
 def test_predict_with_fp8_keeps_ids_and_stays_close(llama_run, sample_rows):
     rows = sample_rows.iloc[:16]
-    fp32 = PredictConfig(quantization="none", compute_dtype="float32", token_budget=1024, compile=False, layout="packed")
+    fp32 = {"quantization": "none", "compute_dtype": "float32", "token_budget": 1024, "compile": False, "layout": "packed"}
     plain = predict_frame([load_run(llama_run, fp32)], rows)
-    fp8 = predict_frame([load_run(llama_run, dataclasses.replace(fp32, fp8=True))], rows)
+    fp8 = predict_frame([load_run(llama_run, {**fp32, "fp8": True})], rows)
     assert fp8["id"].tolist() == rows["id"].tolist()
     np.testing.assert_allclose(fp8[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)
     diff = np.abs(fp8[list(LABEL_COLS)].to_numpy() - plain[list(LABEL_COLS)].to_numpy())

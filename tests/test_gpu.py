@@ -1,7 +1,6 @@
 """GPU-only checks (skipped on CPU): QLoRA with bf16 compute on CUDA, and workers over several GPUs."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -50,7 +49,7 @@ def test_two_gpus_identical_to_one(cuda_run):
 def test_training_uses_one_gpu_per_process(tmp_path):
     """Several visible GPUs must not turn on nn.DataParallel (it changes the effective batch size)."""
     from conftest import REPO
-    from data.config import build_config
+    from cli.config import build_config
     from train.config import TrainConfig
     from train.fold import training_args
 
@@ -61,12 +60,10 @@ def test_training_uses_one_gpu_per_process(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_kaggle_t4_settings_on_two_gpus(cuda_run):
     """The Kaggle path: 8-bit weights, fp16 compute, one worker per GPU; same as 1 GPU, close to bf16 4-bit."""
-    from infer.predict import PredictConfig
-
     df = read_competition_csv(SAMPLE / "test.csv")[0]
-    t4 = PredictConfig(quantization="8bit", compute_dtype="float16")
-    one = predict_frame([load_run(cuda_run, dataclasses.replace(t4, workers=1))], df)
-    two = predict_frame([load_run(cuda_run, dataclasses.replace(t4, workers=2))], df)
+    t4 = {"quantization": "8bit", "compute_dtype": "float16"}
+    one = predict_frame([load_run(cuda_run, {**t4, "workers": 1})], df)
+    two = predict_frame([load_run(cuda_run, {**t4, "workers": 2})], df)
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     reference = predict_frame([load_run(cuda_run)], df)
     # The run was trained on an NF4 base; int8 rounds the same random tiny weights differently, which
@@ -78,10 +75,10 @@ def test_kaggle_t4_settings_on_two_gpus(cuda_run):
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma2"])
 def test_compiled_packed_path_matches_padded_on_cuda(arch, request, tiny_tokenizer, sample_rows):
     """Compiled flex attention (Triton) with soft-capping and a sliding window shorter than the rows."""
-    from data.config import build_config
+    from cli.config import build_config
     from data.formatter import Formatter
-    from infer.model import ModelConfig, PooledClassifier, compile_layers, load_base
-    from infer.packing import pack_rows
+    from model.factory import ModelConfig, PooledClassifier, compile_layers, load_base
+    from model.packing import pack_rows
     from infer.scoring import make_inputs, pad_batch
     from train.config import TrainConfig
 
@@ -123,7 +120,7 @@ needs_fp8 = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_devi
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fp8_linear_on_cuda_is_the_product_of_its_quantised_operands(compiled):
     """torch._scaled_mm's row-wise kernel computes the dequantised product (bf16 output rounding apart)."""
-    from infer.fp8 import Fp8Linear, check_fp8_device, quantize_rows
+    from model.fp8 import Fp8Linear, check_fp8_device, quantize_rows
 
     assert check_fp8_device(torch.device("cuda"), torch.bfloat16) == ""  # the kernel probe passes
 
@@ -141,12 +138,10 @@ def test_fp8_linear_on_cuda_is_the_product_of_its_quantised_operands(compiled):
 @needs_fp8
 def test_fp8_packed_compiled_predict_on_cuda(cuda_run):
     """The whole predict path with infer.fp8 on CUDA: ids kept, rows sum to 1, near the bf16 path."""
-    from infer.predict import PredictConfig
-
     df = read_competition_csv(SAMPLE / "test.csv")[0]
-    bf16 = PredictConfig(quantization="none", compute_dtype="bfloat16", layout="packed", compile=True, token_budget=1024)
+    bf16 = {"quantization": "none", "compute_dtype": "bfloat16", "layout": "packed", "compile": True, "token_budget": 1024}
     reference = predict_frame([load_run(cuda_run, bf16)], df)
-    fp8 = predict_frame([load_run(cuda_run, dataclasses.replace(bf16, fp8=True))], df)
+    fp8 = predict_frame([load_run(cuda_run, {**bf16, "fp8": True})], df)
     assert fp8["id"].tolist() == reference["id"].tolist()
     probs = fp8.drop(columns="id").to_numpy()
     assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)

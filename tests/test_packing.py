@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from conftest import REPO
-from data.config import ConfigError, build_config
+from cli.config import ConfigError, build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS
-from infer.model import ModelConfig, PooledClassifier, load_base, merge_lora
-from infer.packing import ATTN, block_masks, last_token_index, pack_batch, pack_rows, resolve_layout
-from infer.predict import PredictConfig, load_run, predict_frame, run_formatter
-from infer.scoring import InferSettings, make_inputs, pad_batch, plan_batches, split_batches
+from model.factory import ModelConfig, PooledClassifier, load_base, merge_lora
+from model.packing import ATTN, block_masks, last_token_index, pack_batch, pack_rows, resolve_layout
+from infer.predict import load_run, predict_frame
+from infer.scoring import plan_batches, split_batches
+from model.packing import make_inputs, pad_batch
+from model.settings import InferSettings
 from train.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -57,7 +59,7 @@ def test_pack_batch_restarts_positions_and_marks_last_tokens():
 
 
 def test_block_mask_keeps_attention_inside_each_row_and_window():
-    from infer.packing import _create_block_mask
+    from model.packing import _create_block_mask
 
     masks = block_masks(torch.tensor([3, 4]), width=9, windows={2, 64})  # CPU: dense masks
     doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
@@ -120,11 +122,11 @@ def test_layout_mismatch_is_an_error(tiny_llama):
 
 
 def test_merged_lora_matches_unmerged(llama_run, sample_rows):
-    run = load_run(llama_run, PredictConfig(quantization="none"))
-    formatter = run_formatter(run)
-    from infer.model import load_for_inference
+    run = load_run(llama_run, {"quantization": "none"})
+    formatter = run.formatter()
+    from model.run import load_model
 
-    model = load_for_inference(llama_run, run.model, CPU, formatter.pad_id)
+    model = load_model(llama_run, run.model, CPU, formatter.pad_id)
     seqs = formatter.encode_batch(sample_rows["prompt"][:6], sample_rows["response_a"][:6], sample_rows["response_b"][:6])
     with torch.inference_mode():
         before = model(*pad_batch(seqs, formatter.pad_id))
@@ -137,18 +139,18 @@ def test_merged_lora_matches_unmerged(llama_run, sample_rows):
 
 def test_quantised_base_keeps_lora_unmerged(llama_run):
     run = load_run(llama_run)
-    from infer.model import load_for_inference
+    from model.run import load_model
 
-    model = load_for_inference(llama_run, run.model, CPU, run_formatter(run).pad_id)
+    model = load_model(llama_run, run.model, CPU, run.formatter().pad_id)
     assert merge_lora(model) == "LoRA kept unmerged (quantised base)"
 
 
 def test_packed_prediction_matches_padded_and_is_worker_independent(llama_run, sample_rows):
     rows = sample_rows.iloc[:24]
-    fp32 = PredictConfig(quantization="none", compute_dtype="float32", token_budget=1024, compile=False)
-    padded = predict_frame([load_run(llama_run, dataclasses.replace(fp32, layout="padded"))], rows)
-    one = predict_frame([load_run(llama_run, dataclasses.replace(fp32, layout="packed", workers=1))], rows)
-    two = predict_frame([load_run(llama_run, dataclasses.replace(fp32, layout="packed", workers=2))], rows)
+    fp32 = {"quantization": "none", "compute_dtype": "float32", "token_budget": 1024, "compile": False}
+    padded = predict_frame([load_run(llama_run, {**fp32, "layout": "padded"})], rows)
+    one = predict_frame([load_run(llama_run, {**fp32, "layout": "packed", "workers": 1})], rows)
+    two = predict_frame([load_run(llama_run, {**fp32, "layout": "packed", "workers": 2})], rows)
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     assert one["id"].tolist() == rows["id"].tolist()
     np.testing.assert_allclose(one[list(LABEL_COLS)], padded[list(LABEL_COLS)], atol=1e-5)
@@ -182,9 +184,9 @@ def test_bad_layout_in_config_is_an_error():
 def test_plan_counts_packed_batches_on_packed_hardware(llama_run, sample_rows):
     from infer.plan import plan, read_run
 
-    run = read_run(llama_run, tta=False)
+    run = read_run(llama_run, {"tta": False})
     rows = sample_rows.iloc[:50]
-    lengths = list(map(len, run_formatter(run).encode_batch(rows["prompt"], rows["response_a"], rows["response_b"],
+    lengths = list(map(len, run.formatter().encode_batch(rows["prompt"], rows["response_a"], rows["response_b"],
                                                                inference=True)))
     packed, _ = plan([run], rows, lambda r: 1000.0, budget_hours=9, count="padded", hardware="h100")
     assert packed["padded_tokens"].sum() == len(pack_rows(lengths, run.infer.token_budget)) * run.infer.token_budget
@@ -198,7 +200,7 @@ def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device
     CPU the tolerance is float32 summation order (the packed attention sums over the same keys);
     Triton runs fp32 dots in TF32 (~1e-3 relative), so CUDA is held to that. Two micro-batches of
     different widths: training compiles for one width, then for any (automatic dynamic shapes)."""
-    from infer.model import build_for_training
+    from model.factory import build_for_training
     from train.fold import Collator, encode_examples
 
     cfg = ModelConfig(path=str(path), quantization="none", compute_dtype="float32", lora_dropout=0.0,

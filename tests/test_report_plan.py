@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from conftest import ENV, REPO, SAMPLE
-from data.config import ConfigError
+from cli.config import ConfigError
 from data.folds import read_folds
 from data.formatter import FormatConfig, Formatter
 from data.io import LABEL_COLS, DataError, read_competition_csv
 from infer.plan import DEFAULT_TABLE, ThroughputTable, format_table, plan, read_run
-from infer.predict import log_loss
+from infer.metrics import log_loss
 from infer.scoring import make_batches
 from infer.report import fold_table, join_oof, position_bias, write_report
 from infer.report import main as report_main
@@ -179,7 +179,7 @@ def test_plan_minutes_are_tokens_over_throughput(llama_run, test_rows):
     padded, _ = plan([run], test_rows, lambda r: 1234.5, budget_hours=9, count="padded")
     assert np.allclose(padded["minutes"], padded["padded_tokens"] / 1234.5 / 60, rtol=0, atol=1e-9)
 
-    single, _ = plan([read_run(llama_run, tta=False)], test_rows, lambda r: 1234.5, budget_hours=9)
+    single, _ = plan([read_run(llama_run, {"tta": False})], test_rows, lambda r: 1234.5, budget_hours=9)
     assert list(single["pass"]) == ["plain"] and table["tokens"].sum() == 2 * single["tokens"].sum()
     assert "total" in format_table(table)
 
@@ -191,7 +191,7 @@ def test_plan_budget_warning_names_knobs(llama_run, test_rows):
     assert total == table["tokens"].sum() and warnings[0].startswith(f"WARN: estimated {total:.1f} min")
     text = "\n".join(warnings)
     swap_minutes = table.loc[table["pass"] == "swap", "minutes"].sum()
-    assert f"tta=false: saves {swap_minutes:.1f} min -> {total - swap_minutes:.1f} min total (still over)" in text
+    assert f"infer.tta=false: saves {swap_minutes:.1f} min -> {total - swap_minutes:.1f} min total (still over)" in text
     cap = int(re.search(r"infer_max_length .*?128 -> (\d+)", text).group(1))
     capped = sum(sum(formatted_lengths(llama_run, test_rows, s, infer_max_length=cap)) for s in (False, True))
     assert f"saves {total - 2 * capped:.1f} min" in text.split("infer_max_length")[1].splitlines()[0]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_args
-from data.config import ConfigError
+from cli.config import ConfigError
 from train.__main__ import main as train_main
 from train.fold import PairTrainer
 
@@ -38,8 +38,9 @@ def test_killed_fold_resumes_to_the_same_adapter(tmp_path, tiny_llama, sample_fo
     with pytest.raises(KeyboardInterrupt):
         train_main(args)
     run_dir = tmp_path / "killed" / "tiny-llama" / "fold1-seed42"
-    assert (run_dir / "trainer" / "checkpoint-2").is_dir() and not (run_dir / "metrics.json").exists()
-    checkpoint_files = {p.name for p in (run_dir / "trainer" / "checkpoint-2").iterdir()}
+    work = run_dir.with_name("fold1-seed42.partial")  # an unfinished run never holds the final name
+    assert (work / "trainer" / "checkpoint-2").is_dir() and not run_dir.exists()
+    checkpoint_files = {p.name for p in (work / "trainer" / "checkpoint-2").iterdir()}
     assert "adapter_model.safetensors" in checkpoint_files and "model.safetensors" not in checkpoint_files
 
     monkeypatch.setattr(PairTrainer, "training_step", original)
@@ -51,7 +52,7 @@ def test_killed_fold_resumes_to_the_same_adapter(tmp_path, tiny_llama, sample_fo
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0, msg=name)
     assert json.loads((run_dir / "metrics.json").read_text())["rows"] > 0
-    assert not (run_dir / "trainer").exists()  # checkpoints go once the fold is finished
+    assert not (run_dir / "trainer").exists() and not work.exists()  # checkpoints go once the fold is finished
 
 
 def test_resume_refuses_checkpoints_of_another_config(tmp_path, tiny_llama, sample_folds, monkeypatch):
@@ -65,6 +66,6 @@ def test_resume_refuses_checkpoints_of_another_config(tmp_path, tiny_llama, samp
     with pytest.raises(KeyboardInterrupt):
         train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, *STEPS))
     monkeypatch.setattr(PairTrainer, "training_step", original)
-    with pytest.raises(ConfigError, match="different config.*overwrite=true"):
+    with pytest.raises(ConfigError, match=r"different config\)[\s\S]*train.lr: 0.003 -> 0.001[\s\S]*overwrite=true"):
         train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, *STEPS, "train.lr=1e-3"))
     train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, *STEPS, "train.lr=1e-3", "overwrite=true"))

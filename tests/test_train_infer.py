@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from conftest import ENV, REPO, SAMPLE, train_args
-from data.config import ConfigError, build_config
+from cli.config import ConfigError, build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS, DataError
-from infer.model import AdapterError, build_for_training, load_for_inference, pick_device
-from infer.predict import load_run, predict_frame, run_formatter, score_run
-from infer.scoring import pad_batch
+from model.factory import AdapterError, build_for_training, pick_device
+from model.run import load_model, write_manifest
+from infer.predict import load_run, predict_frame, score_run
+from model.packing import pad_batch
 from train.__main__ import main as train_main
 from train.config import TrainConfig
 from train.fold import encode_examples, save_run
@@ -74,7 +75,7 @@ def test_submission_follows_sample_order_and_sums_to_one(llama_run, tmp_path):
     sample.to_csv(tmp_path / "sample.csv", index=False)
     out = tmp_path / "submission.csv"
     cmd = [sys.executable, "-m", "infer", "predict", f"runs={llama_run}", f"csv={SAMPLE / 'test.csv'}",
-           f"sample_submission={tmp_path / 'sample.csv'}", f"out={out}", "tta=false"]
+           f"sample_submission={tmp_path / 'sample.csv'}", f"out={out}", "infer.tta=false"]
     subprocess.run(cmd, check=True, cwd=REPO, env=ENV, capture_output=True)
     sub = pd.read_csv(out)
     assert list(sub.columns) == ["id", *LABEL_COLS]
@@ -100,6 +101,9 @@ def test_missing_head_is_refused(llama_run, tmp_path, sample_rows):
     run = _copy_run(llama_run, tmp_path)
     file = run / "adapter" / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(file).items() if "score" not in k}, file)
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: (sha256 differs|\d+ bytes)"):
+        load_run(run)
+    write_manifest(run, json.loads((run / "manifest.json").read_text()))  # as if it had been saved without its head
     with pytest.raises(AdapterError, match="no classification head"):
         predict_frame([load_run(run)], sample_rows.iloc[:4])
     cmd = [sys.executable, "-m", "infer", "predict", f"runs={run}", f"csv={SAMPLE / 'test.csv'}", f"out={tmp_path / 'x.csv'}"]
@@ -116,7 +120,7 @@ def test_changed_head_fails_checksum(llama_run, tmp_path, sample_rows):
     key = next(k for k in tensors if k.endswith("score.weight"))
     tensors[key] = tensors[key] + 1e-3
     save_file(tensors, file)
-    with pytest.raises(AdapterError, match="checksum"):
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: (sha256 differs|\d+ bytes)"):
         predict_frame([load_run(run)], sample_rows.iloc[:4])
 
 
@@ -137,7 +141,7 @@ def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path
     with torch.inference_mode():
         before = model(ids, mask)
     save_run(tmp_path, cfg, model, tiny_tokenizer, formatter, 0, {}, None)
-    reloaded = load_for_inference(tmp_path, cfg.model, pick_device("cpu"), formatter.pad_id)
+    reloaded = load_model(tmp_path, cfg.model, pick_device("cpu"), formatter.pad_id)
     with torch.inference_mode():
         after = reloaded(ids, mask)
     assert torch.equal(before, after)
@@ -145,8 +149,8 @@ def test_save_reload_gives_identical_logits(tiny_llama, tiny_tokenizer, tmp_path
 
 def test_padding_does_not_change_a_rows_logits(llama_run, sample_rows):
     run = load_run(llama_run)
-    formatter = run_formatter(run)
-    model = load_for_inference(llama_run, run.model, pick_device("cpu"), formatter.pad_id)
+    formatter = run.formatter()
+    model = load_model(llama_run, run.model, pick_device("cpu"), formatter.pad_id)
     seqs = formatter.encode_batch(sample_rows["prompt"][:5], sample_rows["response_a"][:5], sample_rows["response_b"][:5])
     with torch.inference_mode():
         batched = model(*pad_batch(seqs, formatter.pad_id))
@@ -201,7 +205,7 @@ def test_finished_run_is_reused_not_retrained(llama_run, tiny_llama, sample_fold
     adapter = llama_run / "adapter" / "adapter_model.safetensors"
     before = adapter.stat().st_mtime_ns
     train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, llama_run.parents[1], "fold=0"))
-    assert "is finished, reusing it" in capsys.readouterr().out
+    assert "is finished with these settings" in capsys.readouterr().out
     assert adapter.stat().st_mtime_ns == before
     assert not (llama_run.parent / "cv-seed42.json").exists()  # only fold=all writes the CV summary
 

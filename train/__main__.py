@@ -23,9 +23,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from data.config import cli_config, run_cli, split_argv
+from cli.config import cli_config, run_cli, split_argv
 from data.io import LABEL_COLS, targets_by_id
-from infer.predict import cv_table, log_loss, write_predictions
+from infer.metrics import cv_table, log_loss
+from infer.predict import write_predictions
 from train.config import TrainConfig
 from train.distributed import dist_rank
 from train.fold import load_rows, run_dir_for, train_fold

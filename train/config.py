@@ -1,13 +1,11 @@
-"""The training entry point's config: one dataclass per YAML section, help text on every field."""
+"""The training entry point's config (TrainConfig): one dataclass per YAML section, help text on every field."""
 from __future__ import annotations
 
 import dataclasses
 
-from data.config import opt
+from cli.config import opt
 from data.formatter import FormatConfig
-from infer.fp8 import check_fp8_settings
-from infer.model import ModelConfig
-from infer.scoring import InferSettings
+from model.settings import InferSettings, ModelConfig, inference_model
 
 
 @dataclasses.dataclass
@@ -69,9 +67,8 @@ class TrainConfig:
             raise ValueError(f"train.layout must be padded or packed, got {self.train.layout!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")
-        if self.infer.fp8:
-            try:
-                check_fp8_settings(self.model.quantization, self.model.compute_dtype)
-            except ValueError as err:  # the fold's OOF is scored on the training base
-                raise ValueError(f"{err}; to score a 4/8-bit run in fp8 afterwards: python -m infer predict ... "
-                                 "quantization=none compute_dtype=bfloat16 fp8=true") from None
+        try:  # the fold's OOF is scored with these settings: refuse what cannot run before training
+            inference_model(self.model, self.infer)
+        except ValueError as err:
+            raise ValueError(f"{err}; to score a 4/8-bit run in fp8 afterwards: python -m infer predict ... "
+                             "infer.quantization=none infer.compute_dtype=bfloat16 infer.fp8=true") from None

@@ -1,28 +1,29 @@
 """Export run folders (or an ensemble recipe's members) as a verified Kaggle dataset folder.
 
 Usage:
-    python -m train.export runs/gemma2-9b-qlora/fold0-seed42 runs/llama3-8b-qlora \\
-        --dataset-id user/arena-pref-models --out export/ [--title "Arena pref models"]
-    python -m train.export --recipe runs/ensemble/recipe.json --dataset-id user/arena-pref-ens --out export/
+    python -m train.export runs=runs/gemma2-9b-qlora/fold0-seed42,runs/llama3-8b-qlora \\
+        dataset_id=user/arena-pref-models out=export/ [title="Arena pref models"]
+    python -m train.export recipe=runs/ensemble/recipe.json dataset_id=user/arena-pref-ens out=export/
     ... --merge-folds   also average each member's fold adapters into members/<name>/merged/
     ... --upload        then create the Kaggle dataset, or a new version of it (needs credentials)
     python -m train.export --help
 
-Positional arguments are run folders (fold0-seed42/) or member directories (all complete run
-folders inside). With --recipe, its members are looked up in --runs-root (default: the recipe
-folder's parent) or among the positional member directories. The folder written:
-    members/<name>/<run>/       adapter/, tokenizer/, config.yaml, manifest.json, metrics.json
+runs= are run folders (fold0-seed42/) or member directories (all complete run folders inside),
+each verified file by file against its manifest (model.run.verify_run). With recipe=, its members
+are looked up in runs_root (default: the recipe folder's parent) or among the member directories
+in runs=. The folder written:
+    members/<name>/<run>/       the run folder as trained (every file its manifest lists)
     members/<name>/<model>      length members' length_model.json
-    recipe.json                 with --recipe
+    recipe.json                 with recipe=
     <dist>-<ver>-py3-none-any.whl   this repo's code, installed offline with --no-index --no-deps
-    wheels/                     --extra-wheels (e.g. transformers/peft/bitsandbytes for the Kaggle image)
+    wheels/                     extra_wheels= (e.g. transformers/peft/bitsandbytes for the Kaggle image)
     kaggle_infer.py, kaggle_infer.ipynb   the Kaggle entry (python -m infer.kaggle)
     manifest.json               sha256 + size of every file, head checksums, CV scores, versions
     dataset-metadata.json       for the Kaggle API
 Before finishing (and before any upload) the folder is verified: every adapter holds its head, whose
 checksum equals the run's manifest and the dataset manifest; every file matches its sha256; the
 wheel matches its RECORD; and where the base model is available locally (the run's model.path or
---base-path), exported and source runs score `verify_rows` rows identically. The folder is built
+base_path=), exported and source runs score `verify_rows` rows identically. The folder is built
 as <out>.partial and renamed to <out> only once verified.
 
 --merge-folds averages the LoRA A, B and head tensors of a member's folds element-wise. The mean
@@ -37,28 +38,28 @@ import json
 import importlib.util
 import re
 import shutil
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from data.config import ConfigError, UserError, opt, run_cli
+from cli.config import ConfigError, UserError, cli_config, opt, run_cli
 from data.formatter import FORMATTER_VERSION
-from infer.kaggle import DATASET_FORMAT, LAUNCHER, MANIFEST, file_table, installed_version, notebook, parse_bases, parse_cli, verify_files
-from infer.model import AdapterError, adapter_head, head_checksum, resolve_path
+from infer.kaggle import DATASET_FORMAT, installed_version, parse_bases
+from model.factory import AdapterError, head_checksum, resolve_path
+from model.run import (ADAPTER_FILE, MANIFEST, adapter_head, file_table, read_manifest, verify_files, verify_run,
+                       write_manifest)
+from train.kaggle_files import LAUNCHER, notebook
 from train.kaggle_upload import upload, upload_problems
 from train.wheel import build_wheel, check_wheel
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]+/[a-z0-9-]{6,50}")
-RUN_FILES = ("adapter", "tokenizer", "config.yaml", "manifest.json", "metrics.json")
-ADAPTER_FILE = "adapter/adapter_model.safetensors"
 
 
 @dataclasses.dataclass
 class ExportConfig:
-    runs: list[str] = opt([], "run folders or member directories (also as positional arguments)")
+    runs: list[str] = opt([], "run folders or member directories (comma-separated)")
     dataset_id: str = opt("", "Kaggle dataset id owner/slug (slug: 6-50 lowercase letters, digits, hyphens)")
     out: str = opt("", "folder to write; must not exist or be empty (or a previous export, with overwrite)")
     title: str = opt("", "dataset title, 6-50 characters; empty: made from the slug")
@@ -68,7 +69,7 @@ class ExportConfig:
     base_path: list[str] = opt([], "base model for the prediction checks: PATH, or NAME=PATH per member; default: each run's model.path if it exists")
     verify_rows: int = opt(8, "rows of verify_csv scored by exported vs source runs (identical) and merged vs folds; 0: skip")
     verify_csv: str = opt("", "competition-format CSV for those checks; empty: the packaged data/sample/test.csv")
-    kaggle_base: list[str] = opt([], "--base arguments written into the notebook, e.g. NAME=<the attached base model folder on Kaggle>")
+    kaggle_base: list[str] = opt([], "base= items written into the notebook, e.g. NAME=<the attached base model folder on Kaggle>")
     extra_wheels: list[str] = opt([], ".whl files copied to wheels/ and installed first by kaggle_infer.py")
     overwrite: bool = opt(False, "replace `out` when it holds a previous export")
     upload: bool = opt(False, "upload: new dataset if it does not exist, else a new version")
@@ -81,22 +82,15 @@ class ExportError(UserError, RuntimeError):
 
 
 def is_run(path: Path) -> bool:
-    return (path / "manifest.json").is_file() and (path / "adapter").is_dir()
+    return (path / MANIFEST).is_file() and (path / "adapter").is_dir()
 
 
 def check_source_run(run: Path) -> dict:
-    """Refuse a run folder without its head, or whose head checksum differs from its manifest."""
-    for need in ("config.yaml", "manifest.json", ADAPTER_FILE, "tokenizer"):
-        if not (run / need).exists():
-            raise ExportError(f"{run}: not a complete run folder ({need} missing)")
-    manifest = json.loads((run / "manifest.json").read_text())
-    if manifest["formatter"]["version"] != FORMATTER_VERSION:
-        raise AdapterError(f"{run}: formatter version {manifest['formatter']['version']}, this code has {FORMATTER_VERSION}")
-    _, head = adapter_head(run / "adapter")
-    if head_checksum(head) != manifest["head"]["sha256"]:
-        raise AdapterError(f"{run}: head checksum {head_checksum(head)[:12]} differs from its manifest's "
-                           f"{manifest['head']['sha256'][:12]}; refusing to export a changed or corrupted adapter")
-    return manifest
+    """The run's manifest, once every file of the run matches it (a changed or corrupted run is refused)."""
+    try:
+        return verify_run(run, stage="complete")
+    except AdapterError as err:
+        raise ExportError(f"refusing to export {run}: {err}") from None
 
 
 def collect_members(cfg: ExportConfig) -> tuple[dict, dict | None]:
@@ -117,7 +111,7 @@ def collect_members(cfg: ExportConfig) -> tuple[dict, dict | None]:
         member["runs"] += [r for r in runs if r not in member["runs"]]
     if not cfg.recipe:
         if not given:
-            raise ConfigError("give run folders / member directories, or --recipe (see --help)")
+            raise ConfigError("give runs= (run folders / member directories) or recipe= (see --help)")
         return given, None
     from infer.ensemble import load_recipe
 
@@ -137,13 +131,11 @@ def collect_members(cfg: ExportConfig) -> tuple[dict, dict | None]:
     return members, recipe
 
 
-def copy_run(src: Path, dst: Path) -> None:
-    for name in RUN_FILES:
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dst / name)
-        elif (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
+def copy_run(src: Path, dst: Path, manifest: dict) -> None:
+    """Every file the run's manifest lists, and the manifest: the copy verifies like its source."""
+    for rel in [*manifest["files"], MANIFEST]:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
 
 
 def merge_folds(member_out: Path, runs: list[str]) -> str:
@@ -169,11 +161,12 @@ def merge_folds(member_out: Path, runs: list[str]) -> str:
     save_file(merged, out / ADAPTER_FILE, metadata=metadata)
     config = yaml.safe_load((first / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump({**config, "fold": "merged"}, sort_keys=False))
-    manifest = json.loads((first / "manifest.json").read_text())
-    key, head = adapter_head(out / "adapter")
-    manifest.pop("metrics", None)
+    manifest = read_manifest(first)
+    key, head = adapter_head(out)
+    for stale in ("metrics", "settings", "files"):
+        manifest.pop(stale, None)
     manifest.update(fold="merged", merged_from=runs, head={"key": key, "shape": list(head.shape), "sha256": head_checksum(head)})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(out, manifest)
     return "merged"
 
 
@@ -185,14 +178,13 @@ def check_rows(cfg: ExportConfig):
 
 
 def predictions(run_dirs: list[Path], base: str, rows):
-    from infer.predict import PredictConfig, load_run, predict_frame
+    from infer.predict import load_run, predict_frame
 
-    overrides = PredictConfig(base_path=base, tta=False, workers=1)
-    return predict_frame([load_run(d, overrides) for d in run_dirs], rows)
+    return predict_frame([load_run(d, {"base_path": base, "tta": False, "workers": 1}) for d in run_dirs], rows)
 
 
 def base_for(run: Path, bases: dict, member: str) -> str:
-    """--base-path for the member, else the run's recorded model.path if it is here; "" if neither."""
+    """base_path= for the member, else the run's recorded model.path if it is here; "" if neither."""
     if member in bases:
         return bases[member]
     recorded = yaml.safe_load((run / "config.yaml").read_text())["model"]["path"]
@@ -216,7 +208,7 @@ def prediction_checks(cfg: ExportConfig, out: Path, members: dict, manifest: dic
         member, run = info["member"], out / rel
         base = base_for(run, bases, member)
         if not base:
-            print(f"{rel}: prediction check skipped: base model not found locally (pass --base-path {member}=DIR)")
+            print(f"{rel}: prediction check skipped: base model not found locally (pass base_path={member}=DIR)")
         elif info.get("merged_from"):
             folds = predictions([run.parent / r for r in info["merged_from"]], base, rows)[cols].to_numpy()
             diff = np.abs(predictions([run], base, rows)[cols].to_numpy() - folds)
@@ -234,12 +226,11 @@ def verify_export(out: Path, manifest: dict) -> None:
     listed, present = set(manifest["files"]), set(file_table(out))
     if listed != present:
         raise ExportError(f"{out}: files not matching the manifest listing: {sorted(listed ^ present)[:10]}")
-    verify_files(out, manifest)
+    verify_files(out, manifest["files"], ExportError)
     for rel, info in manifest["runs"].items():
-        _, head = adapter_head(out / rel / "adapter")
-        run_sha = json.loads((out / rel / "manifest.json").read_text())["head"]["sha256"]
-        if not head_checksum(head) == run_sha == info["head_sha256"]:
-            raise AdapterError(f"{out / rel}: head checksum differs between adapter, run manifest and {MANIFEST}")
+        run_sha = verify_run(out / rel)["head"]["sha256"]
+        if run_sha != info["head_sha256"]:
+            raise AdapterError(f"{out / rel}: head checksum differs between the run's manifest and {MANIFEST}")
     check_wheel(out / manifest["wheel"])
     check_metadata(json.loads((out / "dataset-metadata.json").read_text()))
 
@@ -270,7 +261,7 @@ def write_export(cfg: ExportConfig, members: dict, recipe: dict | None, sources:
         cv[name] = {"runs": {}, "oof": {p.name: json.loads(p.read_text()).get("oof_log_loss") for p in sorted(m["dir"].glob("cv-seed*.json"))}}
         for r in m["runs"]:
             source = sources[name, r]
-            copy_run(m["dir"] / r, folder / r)
+            copy_run(m["dir"] / r, folder / r, source)
             metrics = source.get("metrics") or {}
             cv[name]["runs"][r] = metrics.get("log_loss")
             runs[f"members/{name}/{r}"] = {"member": name, "head_key": source["head"]["key"], "head_sha256": source["head"]["sha256"],
@@ -305,10 +296,9 @@ def write_export(cfg: ExportConfig, members: dict, recipe: dict | None, sources:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, words = parse_cli(ExportConfig, __doc__, sys.argv[1:] if argv is None else argv)
-    cfg = dataclasses.replace(cfg, runs=[*cfg.runs, *words])
+    cfg = cli_config(ExportConfig, __doc__, argv)
     if not cfg.out or not cfg.dataset_id:
-        raise ConfigError("--out and --dataset-id are required (see --help)")
+        raise ConfigError("out= and dataset_id= are required (see --help)")
     check_metadata({"id": cfg.dataset_id, "title": cfg.title or cfg.dataset_id.partition("/")[2], "licenses": [{"name": "CC0-1.0"}]})
     if cfg.upload and upload_problems():  # fail before minutes of export work
         raise ExportError("cannot upload:\n  " + "\n  ".join(upload_problems()))

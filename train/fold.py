@@ -1,8 +1,11 @@
 """Train one fold and score its held-out rows through `infer` (the submission's code path).
 
-A run folder `output_dir/name/fold{k}-seed{s}/` ends up holding everything inference needs:
-adapter/ (LoRA + head), tokenizer/, config.yaml (resolved), manifest.json (formatter version,
-head checksum, package versions, metrics), oof.csv and metrics.json.
+A run folder `output_dir/name/fold{k}-seed{s}/` (model.run: built as `.partial`, renamed when
+complete) ends up holding everything inference needs: adapter/ (LoRA + head), tokenizer/,
+config.yaml (resolved), manifest.json (formatter, head, settings with input hashes, package
+versions, metrics, sha256 of every file), oof.csv and metrics.json. A finished run is reused only
+for the same settings; a killed one resumes from its last checkpoint, or at OOF scoring once its
+adapter was saved.
 """
 from __future__ import annotations
 
@@ -22,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
-from data.config import ConfigError, save_yaml
+from cli.config import ConfigError, to_dict
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
-from infer.model import (HEAD, adapter_head, build_for_training, check_base, head_checksum, load_adapter_weights,
-                         load_tokenizer, pick_device)
-from infer.predict import fold_metrics, load_run, predict_frame, write_predictions
-from infer.packing import pack_batch
-from infer.scoring import pad_batch
+from infer.metrics import fold_metrics
+from infer.predict import load_run, predict_frame, write_predictions
+from model.factory import AdapterError, HEAD, build_for_training, check_base, load_adapter_weights, load_tokenizer, pick_device
+from model.packing import pack_batch, pad_batch
+from model.run import (ADAPTER_FILE, partial_dir, publish, read_manifest, settings_diff, sha256_file, verify_run,
+                       write_complete, write_trained)
 from train.config import TrainConfig
 from train.distributed import RankBalancedSampler, barrier, dist_rank
 from train.prestage import excluded_prompts, init_from
@@ -152,7 +156,7 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     if "wandb" in t.report_to:
         os.environ.setdefault("WANDB_MODE", "offline")  # no network on the training boxes by default
     kwargs = dict(
-        output_dir=str(run_dir / "trainer"),
+        output_dir=str(partial_dir(run_dir) / "trainer"),  # checkpoints live in the unfinished run
         run_name=run_dir.parent.name + "-" + run_dir.name,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -191,74 +195,140 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     return args
 
 
+# Keys that locate or drive a run but do not change its result (1 and N workers score identically).
+NOT_SETTINGS = {"": ("overwrite", "resume", "name", "output_dir"), "train": ("report_to", "logging_steps", "save_steps"),
+                "infer": ("workers",)}
+
+
+def _digest(path: str) -> str:
+    return f"sha256:{sha256_file(Path(path))}" if Path(path).is_file() else f"missing:{path}"
+
+
+def fold_settings(cfg: TrainConfig, fold: int) -> dict:
+    """Everything that decides a fold's result, data files by content: a finished run is reused only for these."""
+    raw = to_dict(dataclasses.replace(cfg, fold=str(fold)))
+    for section, keys in NOT_SETTINGS.items():
+        for key in keys:
+            (raw[section] if section else raw).pop(key)
+    data = raw["data"]
+    data["train_csv"], data["folds_csv"] = _digest(data["train_csv"]), _digest(data["folds_csv"])
+    data["extra_csv"] = [_digest(p) for p in data["extra_csv"]]
+    data["exclude_prompts_of"] = [_digest(p) for p in data["exclude_prompts_of"]]
+    if cfg.train.init_from:
+        src = Path(cfg.train.init_from)
+        raw["train"]["init_from"] = _digest(str((src.parent if src.name == "adapter" else src) / ADAPTER_FILE))
+    return raw
+
+
 def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict,
-             origin: dict | None) -> None:
-    """Write what inference needs: adapter (LoRA + head), tokenizer, resolved config, manifest."""
-    model.model.save_pretrained(run_dir / "adapter")
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    save_yaml(dataclasses.replace(cfg, fold=str(fold)), run_dir / "config.yaml")
-    key, head = adapter_head(run_dir / "adapter")
+             origin: dict | None, settings: dict | None = None, training: dict | None = None) -> dict:
+    """Stage "trained" of a run folder (model.run.write_trained): adapter, tokenizer, resolved config, manifest."""
     manifest = {
         "name": cfg.name,
         "fold": fold,
         "seed": cfg.seed,
         "formatter": formatter.describe(),
-        "head": {"key": key, "shape": list(head.shape), "sha256": head_checksum(head)},
         "base_model": {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file},
         "init_from": origin,
         "rows": counts,
+        "settings": settings if settings is not None else fold_settings(cfg, fold),
+        "training": training or {},
         "packages": {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
     }
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return write_trained(run_dir, model.model, tokenizer, to_dict(dataclasses.replace(cfg, fold=str(fold))), manifest)
 
 
-def _resume_key(cfg: TrainConfig, fold: int) -> str:
-    """What must not change between a killed run and its resumption: the resolved config."""
-    fixed = dataclasses.replace(cfg, fold=str(fold), overwrite=False, resume="auto")
-    return json.dumps(dataclasses.asdict(fixed), sort_keys=True, indent=1)
+def _refuse(run: Path, what: str, differ: list[str]) -> ConfigError:
+    return ConfigError(f"{run} {what} with other settings:\n  " + "\n  ".join(differ[:20]) +
+                       "\nrun with the settings above, pass overwrite=true to retrain (the old run stays until the new "
+                       "one is complete), or give this run another name=")
 
 
-def resume_point(cfg: TrainConfig, fold: int, run_dir: Path) -> Path | None:
-    """The last checkpoint of an unfinished run of the same config, or None to start afresh."""
+def resume_point(cfg: TrainConfig, work: Path, settings: dict) -> Path | None:
+    """The last checkpoint of a killed run of the same settings, or None to start afresh."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    trainer_dir = run_dir / "trainer"
+    trainer_dir = work / "trainer"
     if cfg.resume != "auto" or cfg.overwrite or not trainer_dir.is_dir():
         return None
     last = get_last_checkpoint(str(trainer_dir))
     if last is None:
         return None
-    saved = trainer_dir / "config.json"
-    if not saved.is_file() or saved.read_text() != _resume_key(cfg, fold):
-        raise ConfigError(
-            f"{run_dir}: holds checkpoints of a run with a different config (see {saved}); "
-            "resume it with that config, or pass overwrite=true to start this one afresh"
-        )
+    saved = trainer_dir / "settings.json"
+    differ = settings_diff(json.loads(saved.read_text()), settings) if saved.is_file() else ["settings.json: missing"]
+    if differ:
+        raise _refuse(work, "holds checkpoints of a run (different config)", differ)
     return Path(last)
+
+
+def fold_state(cfg: TrainConfig, fold: int, settings: dict) -> tuple[str, dict | None, Path | None]:
+    """(action, manifest, checkpoint) read from disk before anything is written, the same on every rank:
+    reuse a finished run | publish a complete .partial | score a trained one | train (from a checkpoint)."""
+    run_dir = run_dir_for(cfg, fold)
+    work = partial_dir(run_dir)
+    if run_dir.exists() and not cfg.overwrite:
+        manifest = verify_run(run_dir, stage="complete")
+        differ = settings_diff(manifest.get("settings", {}), settings)
+        if differ:
+            raise _refuse(run_dir, "is finished", differ)
+        return "reuse", manifest, None
+    if (work / "manifest.json").is_file() and not cfg.overwrite:
+        try:
+            manifest = verify_run(work)
+        except AdapterError as err:
+            print(f"fold {fold}: {work} cannot be resumed ({err}); training afresh")
+            return "train", None, None
+        differ = settings_diff(manifest.get("settings", {}), settings)
+        if differ:
+            raise _refuse(work, "was trained (not yet scored)", differ)
+        return ("publish" if manifest["stage"] == "complete" else "score"), manifest, None
+    return "train", None, resume_point(cfg, work, settings)
 
 
 def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
     """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer."""
     run_dir = run_dir_for(cfg, fold)
-    if (run_dir / "metrics.json").exists() and not cfg.overwrite:
-        print(f"fold {fold}: {run_dir} is finished, reusing it (overwrite=true retrains)")
-        return json.loads((run_dir / "metrics.json").read_text())
+    work = partial_dir(run_dir)
+    settings = fold_settings(cfg, fold)
+    action, manifest, checkpoint = fold_state(cfg, fold, settings)
+    if action == "reuse":
+        print(f"fold {fold}: {run_dir} is finished with these settings (every file verified), reusing it")
+        return manifest["metrics"]
     rank, world = dist_rank()
     device = pick_device(cfg.train.device)
     if world > 1 and device.type == "cuda":  # DDP: one GPU per process, each with its own (4-bit) base
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     args = training_args(cfg, run_dir, device)  # under torchrun this joins the process group
-    checkpoint = resume_point(cfg, fold, run_dir)
+    barrier()  # every rank has read the folder's state before rank 0 changes it
+    if action == "train":
+        train_stage(cfg, fold, df, extra, work, settings, checkpoint, args, device)
+    if rank != 0:  # rank 0 alone scores the held-out fold, writes the OOF file and publishes the run, once
+        barrier()
+        return read_manifest(run_dir)["metrics"]
+    if action == "score":
+        print(f"fold {fold}: {work} holds the adapter saved before an interruption (verified); resuming at OOF scoring")
+    if action != "publish":
+        score_stage(df, fold, work)
+    publish(work, run_dir)
+    barrier()
+    return read_manifest(run_dir)["metrics"]
+
+
+def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame, work: Path, settings: dict,
+                checkpoint: Path | None, args: TrainingArguments, device: torch.device) -> None:
+    """Train the fold into `work` (a .partial folder) up to stage "trained"."""
+    rank, world = dist_rank()
     if checkpoint is None and rank == 0:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        (run_dir / "trainer").mkdir(parents=True)
-        (run_dir / "trainer" / "config.json").write_text(_resume_key(cfg, fold))
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "trainer").mkdir(parents=True)
+        (work / "trainer" / "settings.json").write_text(json.dumps(settings, indent=1))
     barrier()
     set_seed(cfg.seed)
     train_df = pd.concat([df[(df["fold"] != fold) & ~df["excluded"]], extra], ignore_index=True)
     if cfg.data.max_train_rows:
         train_df = train_df.sample(frac=1.0, random_state=cfg.seed).head(cfg.data.max_train_rows)
-    valid_df = df[df["fold"] == fold].reset_index(drop=True)
+    valid_rows = int((df["fold"] == fold).sum())
 
     tokenizer = load_tokenizer(cfg.model)
     formatter = Formatter(tokenizer, cfg.format)
@@ -276,12 +346,11 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     )
     start = time.time()
     if rank == 0:
-        print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir}"
+        print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir_for(cfg, fold)}"
               + (f", data-parallel over {world} processes" if world > 1 else ""))
         if checkpoint is not None:
             print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.time() - start
     # (step, loss) as the Trainer logged it: loss curves of runs can be compared without wandb
     curve = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
     if world > 1:
@@ -291,30 +360,28 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
             import wandb
 
             wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
+        shutil.rmtree(work / "trainer", ignore_errors=True)  # checkpoints are not part of the sealed run
         n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
-        counts = {"train": len(train_df), "extra": n_extra, "valid": len(valid_df), "sequences": len(examples)}
-        save_run(run_dir, cfg, model, tokenizer, formatter, fold, counts, origin)
-        shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+        counts = {"train": len(train_df), "extra": n_extra, "valid": valid_rows, "sequences": len(examples)}
+        training = {"seconds": round(time.time() - start, 1), "loss_curve": curve}
+        save_run(work, cfg, model, tokenizer, formatter, fold, counts, origin, settings, training)
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # scoring below may use every GPU, this rank's included
-    if rank != 0:  # rank 0 alone scores the held-out fold and writes the OOF file, once
-        barrier()
-        return json.loads((run_dir / "metrics.json").read_text())
+        torch.cuda.empty_cache()  # scoring may use every GPU, this rank's included
 
+
+def score_stage(df: pd.DataFrame, fold: int, work: Path) -> dict:
+    """Score the held-out fold from the saved run folder (as the submission would), then seal it complete."""
+    valid_df = df[df["fold"] == fold].reset_index(drop=True)
     passes: list[pd.DataFrame] = []
-    oof = predict_frame([load_run(run_dir)], valid_df, passes)
-    write_predictions(oof, run_dir / "oof.csv")
-    write_predictions(passes[0], run_dir / "oof_passes.csv")  # per TTA pass: position-bias analysis
+    oof = predict_frame([load_run(work)], valid_df, passes)
+    write_predictions(oof, work / "oof.csv")
+    write_predictions(passes[0], work / "oof_passes.csv")  # per TTA pass: position-bias analysis
     truth = targets_by_id(valid_df, oof["id"])
     comp_train_targets = np.stack(df.loc[df["fold"] != fold, "target"].to_numpy())
     metrics = fold_metrics(fold, truth, oof[list(LABEL_COLS)].to_numpy(), comp_train_targets)
-    metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["train_loss_curve"] = curve
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    manifest["metrics"] = metrics
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    barrier()
-    return metrics
+    training = read_manifest(work)["training"]
+    metrics["train_seconds"] = training.get("seconds")
+    metrics["train_loss_curve"] = training.get("loss_curve", [])
+    return write_complete(work, metrics)["metrics"]

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from data.config import UserError
+from cli.config import UserError
 
 
 class UploadError(UserError, RuntimeError):

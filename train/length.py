@@ -8,7 +8,7 @@ join an ensemble (`python -m infer ensemble members=...,runs/length`). Writes in
 oof.csv (id + 3 probabilities, every row with fold >= 0), metrics.json (per-fold and overall
 log loss next to the class prior of each fold's training folds) and length_model.json, a model
 fitted on all rows, stored as JSON (scaler + coefficients) so test predictions need only numpy
-(`predict_length`). Rows with fold < 0 in the folds file are only ever trained on.
+(`infer.length.predict_length`). Rows with fold < 0 in the folds file are only ever trained on.
 """
 from __future__ import annotations
 
@@ -18,17 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
-from data.config import ConfigError, cli_config, opt, run_cli
+from cli.config import ConfigError, cli_config, opt, run_cli
 from data.features import FEATURES, length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, read_competition_csv, targets_by_id
-from infer.predict import cv_table, fold_metrics, log_loss, softmax, write_predictions
-
-MODEL_FILE = "length_model.json"
-MODEL_VERSION = 1
+from infer.length import MODEL_FILE, MODEL_VERSION, fit_logistic, predict_length
+from infer.metrics import cv_table, fold_metrics, log_loss
+from infer.predict import write_predictions
 
 
 @dataclasses.dataclass
@@ -40,52 +37,10 @@ class LengthConfig:
     drop_bad_rows: bool = opt(False, "drop unparseable rows (counted) instead of stopping at them")
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, features: list[str], C: float = 1.0) -> dict:
-    """Standardise X, fit a multinomial (lbfgs) logistic regression; parameters as JSON-ready lists."""
-    absent = sorted(set(range(len(LABEL_COLS))) - set(np.asarray(y).tolist()))
-    if absent:
-        # sklearn would silently fit fewer classes and the coefficient rows would no longer match LABEL_COLS.
-        raise DataError(f"logistic fit: no training row of class(es) {[LABEL_COLS[c] for c in absent]}")
-    scaler = StandardScaler().fit(X)
-    lr = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(X), y)
-    return {
-        "features": list(features),
-        "mean": scaler.mean_.tolist(),
-        "scale": scaler.scale_.tolist(),
-        "coef": lr.coef_.tolist(),
-        "intercept": lr.intercept_.tolist(),
-    }
-
-
-def logistic_proba(params: dict, X: np.ndarray) -> np.ndarray:
-    """Class probabilities from fit_logistic's parameters with numpy only (no sklearn objects)."""
-    z = (np.asarray(X, float) - np.asarray(params["mean"])) / np.asarray(params["scale"])
-    return softmax(z @ np.asarray(params["coef"]).T + np.asarray(params["intercept"]))
-
-
 def fit_length_model(df: pd.DataFrame, C: float = 1.0) -> dict:
     """Length model fitted on every row of `df` (read_competition_csv output with `label`)."""
     params = fit_logistic(length_features(df).to_numpy(), df["label"].to_numpy(), list(FEATURES), C)
     return {"version": MODEL_VERSION, "kind": "length", "classes": list(LABEL_COLS), **params, "C": C, "rows": len(df)}
-
-
-def predict_length(model: dict, df: pd.DataFrame) -> pd.DataFrame:
-    """id + 3 probabilities for the rows of `df` (in df's order) from a length_model.json dict."""
-    if model.get("version") != MODEL_VERSION or list(model.get("classes", [])) != list(LABEL_COLS):
-        raise DataError(f"length model: expected version {MODEL_VERSION} with classes {list(LABEL_COLS)}, "
-                        f"got version {model.get('version')!r}, classes {model.get('classes')!r}")
-    unknown = sorted(set(model["features"]) - set(FEATURES))
-    if unknown:
-        raise DataError(f"length model uses features {unknown} that data.features does not compute")
-    probs = logistic_proba(model, length_features(df)[model["features"]].to_numpy())
-    return pd.DataFrame({"id": df["id"].to_numpy(), **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
-
-
-def load_length_model(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: length model not found (write it with `python -m train.length`)")
-    return json.loads(path.read_text())
 
 
 def cross_validate(df: pd.DataFrame, C: float) -> tuple[pd.DataFrame, list[dict]]:

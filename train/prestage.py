@@ -2,12 +2,12 @@
 fold runs that start from its adapter (`data.exclude_prompts_of`, `train.init_from`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from data.config import ConfigError
+from cli.config import ConfigError
 from data.io import prompt_key, read_competition_csv
-from infer.model import load_adapter_weights
+from model.factory import load_adapter_weights
+from model.run import verify_run
 from train.config import TrainConfig
 
 
@@ -22,16 +22,13 @@ def excluded_prompts(cfg: TrainConfig) -> set[str]:
 def init_from(model, cfg: TrainConfig) -> dict:
     """Start LoRA + head from another run (a pre-stage); returns its provenance for the manifest."""
     src = Path(cfg.train.init_from)
-    adapter = src if (src / "adapter_model.safetensors").is_file() else src / "adapter"
-    manifest_file = adapter.parent / "manifest.json"
-    if not manifest_file.is_file():
-        raise ConfigError(f"train.init_from={src}: not a run folder (no manifest.json next to {adapter})")
-    manifest = json.loads(manifest_file.read_text())
+    run = src.parent if src.name == "adapter" else src
+    manifest = verify_run(run)  # every file of the pre-stage checked before its adapter is used
     base = {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file}
     if manifest["base_model"] != base:
         raise ConfigError(f"train.init_from={src}: trained on base {manifest['base_model']}, this run uses {base}")
     try:
-        load_adapter_weights(model.model, adapter)
+        load_adapter_weights(model.model, run / "adapter")
     except RuntimeError as err:  # tensor shapes differ: another LoRA rank or model size
         raise ConfigError(f"train.init_from={src}: adapter does not fit this model's LoRA ({err})") from None
     return {"run": str(src), "head_sha256": manifest["head"]["sha256"]}

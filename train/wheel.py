@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from data.config import UserError
+from cli.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_SUFFIXES = (".yaml", ".yml", ".json")
@@ -138,6 +138,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from data.config import run_cli
+    from cli.config import run_cli
 
     run_cli(main)

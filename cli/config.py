@@ -1,4 +1,4 @@
-"""Config plumbing shared by every entry point.
+"""Command-line configs for every entry point (one dialect) and the user errors they report in one line.
 
 Each entry point owns a dataclass whose fields carry their help text. Values are resolved as
 dataclass defaults < YAML file (first positional argument) < `key=value` overrides, where nested
@@ -50,13 +50,31 @@ def split_argv(argv: list[str]) -> tuple[Path | None, list[str], list[str]]:
 
 def load_config(cls: type, argv: list[str]) -> Any:
     """Build `cls` from argv (`[config.yaml] key=value ...`); rejects stray positional words."""
+    return parse_args(cls, argv)[0]
+
+
+def parse_args(cls: type, argv: list[str]) -> tuple[Any, dict]:
+    """(config, the keys the YAML and the command line set, as a nested mapping of their raw values).
+
+    The mapping tells "set to the default" from "not set": `infer predict` applies only the
+    `infer.*` keys that were given on top of each run's saved settings.
+    """
     yaml_path, overrides, words = split_argv(argv)
     if words:
         raise ConfigError(f"unexpected argument(s) {words}: use key=value (see --help)")
-    return build_config(cls, yaml_path, overrides)
+    raw = read_raw(yaml_path, overrides)
+    return _build(cls, raw, prefix="", source=_source(yaml_path, overrides)), raw
 
 
 def build_config(cls: type, yaml_path: Path | None = None, overrides: list[str] | None = None) -> Any:
+    return _build(cls, read_raw(yaml_path, overrides), prefix="", source=_source(yaml_path, overrides))
+
+
+def _source(yaml_path: Path | None, overrides: list[str] | None) -> str:
+    return " + ".join(filter(None, [str(yaml_path or ""), "command-line overrides" if overrides else ""])) or "defaults"
+
+
+def read_raw(yaml_path: Path | None, overrides: list[str] | None) -> dict:
     raw: dict = {}
     if yaml_path is not None:
         if not yaml_path.is_file():
@@ -78,8 +96,7 @@ def build_config(cls: type, yaml_path: Path | None = None, overrides: list[str] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = value  # kept as text; converted against the field's type below
-    source = " + ".join(filter(None, [str(yaml_path or ""), "command-line overrides" if overrides else ""])) or "defaults"
-    return _build(cls, raw, prefix="", source=source)
+    return raw
 
 
 def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
@@ -175,14 +192,19 @@ def run_cli(main) -> None:
         raise SystemExit(1) from None
 
 
-def cli_config(cls: type, doc: str, argv: list[str] | None = None) -> Any:
-    """Parse argv for an entry point; prints `doc` and the field list on --help, exits 2 on errors."""
+def cli_config(cls: type, doc: str, argv: list[str] | None = None, given: bool = False) -> Any:
+    """Parse argv for an entry point; prints `doc` and the field list on --help, exits 2 on errors.
+
+    given=True returns (config, the keys that were set) as parse_args does.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(doc.strip() + "\n\nSettings (key=value):\n" + format_help(cls))
+        print(doc.strip() + "\n\nSettings (key=value; sections as section.key=value; --flag means flag=true):\n"
+              + format_help(cls))
         raise SystemExit(0)
     try:
-        return load_config(cls, argv)
+        cfg, raw = parse_args(cls, argv)
+        return (cfg, raw) if given else cfg
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

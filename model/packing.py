@@ -1,6 +1,6 @@
-"""Padding-free batches: rows laid end to end in one sequence, attention kept inside each row.
+"""Batch layouts for training and inference: padded rows, or padding-free packed rows with their attention.
 
-A packed batch is `input_ids` and `position_ids` of shape (1, width) plus `seq_lens`, the length
+A padded batch is right-padded input_ids + attention_mask (`pad_batch`). A packed batch is `input_ids` and `position_ids` of shape (1, width) plus `seq_lens`, the length
 of every row in it. Positions restart at 0 for each row, so rotary embeddings see a row exactly
 as if it were alone; a flex-attention block mask lets a token attend only to earlier tokens of
 its own row (on Gemma-2's sliding layers also only within the window), and Gemma-2's attention
@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from data.config import ConfigError
+from cli.config import ConfigError
 
 ATTN = "arena_packed"
 LAYOUTS = ("auto", "packed", "padded")
@@ -154,7 +154,7 @@ def kernel_options(query: torch.Tensor) -> dict | None:
     """Flex tile sizes where PyTorch's defaults are slow: head_dim 256 (Gemma-2) on Hopper.
 
     The default there is 64x32 tiles, 4 warps; 128x64, 8 warps, 2 stages ran 1.57x faster on an
-    H100 (2.01 -> 1.28 ms per layer on a 16k-token packed batch, `python -m infer bench tasks=attn`).
+    H100 (2.01 -> 1.28 ms per layer on a 16k-token packed batch, `python -m bench.infer tasks=attn`).
     Its shared-memory footprint (192 KB) does not fit Ampere, so other GPUs keep the defaults.
     Training keeps them too: these are forward tiles, and the backward kernel at head_dim 256 has
     its own shared-memory limits.
@@ -216,3 +216,22 @@ def register() -> str:
     AttentionInterface.register(ATTN, packed_attention)
     AttentionMaskInterface.register(ATTN, _no_mask)
     return ATTN
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask; pooling reads the mask, so pad id is irrelevant."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids, mask
+
+
+def make_inputs(seqs: list[list[int]], pad_id: int, layout: str, width: int) -> dict[str, torch.Tensor]:
+    """Model inputs of one batch in the given layout (PooledClassifier takes either)."""
+    if layout == "packed":
+        return pack_batch(seqs, pad_id, width)
+    ids, mask = pad_batch(seqs, pad_id)
+    return {"input_ids": ids, "attention_mask": mask}

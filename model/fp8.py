@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from data.config import ConfigError
-from infer.model import is_quantised
+from cli.config import ConfigError
+from model.factory import is_quantised
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -51,16 +51,6 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
-
-
-def check_fp8_settings(quantization: str, compute_dtype: str) -> None:
-    """Settings under which fp8 cannot run, refused before any model loads (ValueError)."""
-    if quantization != "none":
-        raise ValueError(f"infer.fp8=true needs an unquantised base, not model.quantization={quantization} "
-                         "(infer predict / kaggle: quantization=none)")
-    if compute_dtype == "float16":
-        raise ValueError("infer.fp8=true writes bf16 matmul outputs, not model.compute_dtype=float16 "
-                         "(infer predict / kaggle: compute_dtype=bfloat16)")
 
 
 def check_fp8_device(device: torch.device, dtype: torch.dtype) -> str:

@@ -1,9 +1,9 @@
 """Training benchmark: the seed notebook's QLoRA recipe against `python -m train`'s own code path.
 
 Usage:
-    python -m train.bench out=bench-out                                 # gemma2 + llama, max_length 1024 and 2048
-    python -m train.bench out=bench-out models=gemma2 max_lengths=1024 steps=40 variants=seed,repo
-    torchrun --nproc_per_node=2 -m train.bench out=bench-2gpu workdir=/tmp/tb variants=repo   # DDP scaling
+    python -m bench.train out=bench-out                                 # gemma2 + llama, max_length 1024 and 2048
+    python -m bench.train out=bench-out models=gemma2 max_lengths=1024 steps=40 variants=seed,repo
+    torchrun --nproc_per_node=2 -m bench.train out=bench-2gpu workdir=/tmp/tb variants=repo   # DDP scaling
 
 Models: Gemma-2-9B / Llama-3-8B built from their real configs with random weights, saved once to
 `workdir` and reloaded the way a real base is (4-bit NF4 through bitsandbytes, or bf16). Rows:
@@ -38,10 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import ConfigError, cli_config, opt, run_cli
-from infer.bench import SEED_TARGETS, arch_config, non_embedding_params, random_rows, result_table
-from infer.model import NUM_LABELS, ModelConfig, build_for_training, pick_device
-from infer.scoring import pad_batch
+from bench.common import SEED_TARGETS, arch_config, non_embedding_params, random_rows, result_table
+from cli.config import ConfigError, cli_config, opt, run_cli
+from model.factory import NUM_LABELS, build_for_training, pick_device
+from model.packing import pad_batch
+from model.settings import ModelConfig
 from train.distributed import barrier, dist_rank
 
 FOLD_ROWS = 46_000

@@ -1,59 +1,30 @@
-"""The one model factory: base model (NF4 4-bit, 8-bit or unquantised) + LoRA + 3-way head.
+"""The one model factory: base model (NF4 4-bit, 8-bit or unquantised) + LoRA + pooled 3-way head.
 
-Training (`build_for_training`) and inference (`load_for_inference`) both come through here,
+Training (`build_for_training`) and inference (`model.run.load_model`) both come through here,
 so quantisation, dtype, attention kernel and pooling cannot drift between CV and submission.
-The head is a PEFT `modules_to_save` module: it is trained, saved in the adapter file, and on
-load it is checked three ways (present in the file, checksum equal to the run's manifest, and
-equal to what actually landed in the model) so a missing or stale head is an error, not noise.
+The head is a PEFT `modules_to_save` module: it is trained and saved in the adapter file; a
+loaded adapter is compared tensor by tensor with the file (`check_adapter_loaded`), so a missing
+or stale head is an error, not noise.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from data.config import ConfigError, UserError, opt
-from infer import packing
+from cli.config import ConfigError, UserError
+from model import packing
+from model.settings import DTYPES, ModelConfig
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AdapterError(UserError, RuntimeError):
     """A run folder whose adapter or head cannot be trusted for inference."""
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    path: str = opt("", "base model folder, or pypkg:<module> for a model shipped inside a pip package")
-    gguf_file: str = opt("", "GGUF file inside `path` (transformers dequantises it on load); empty for safetensors")
-    quantization: str = opt("4bit", "4bit (bitsandbytes NF4) | 8bit (LLM.int8) | none")
-    compute_dtype: str = opt("bfloat16", "float32 | bfloat16 | float16 (T4 has no bf16: use float16 there)")
-    double_quant: bool = opt(True, "4bit: also quantise the quantisation constants (saves ~0.4 bit/param)")
-    attn_implementation: str = opt("auto", "auto (eager for Gemma-2, whose soft-capping SDPA ignores; sdpa otherwise) | eager | sdpa")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
-    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], "module names that get LoRA")
-    lora_layers: list[int] = opt([], "layer indices that get LoRA; empty means all layers")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (less memory, ~30% slower)")
-
-    def __post_init__(self) -> None:
-        if self.quantization not in ("4bit", "8bit", "none"):
-            raise ValueError(f"model.quantization must be 4bit, 8bit or none, got {self.quantization!r}")
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"model.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}")
-        if self.gguf_file and self.quantization != "none":
-            raise ValueError(
-                "model.gguf_file: transformers dequantises GGUF weights and cannot re-quantise them with "
-                "bitsandbytes; use model.quantization=none, or a safetensors copy of the base for 4bit/8bit"
-            )
 
 
 def resolve_path(path: str) -> Path:
@@ -91,7 +62,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False):
-    """The base with a fresh head; packed=True selects the padding-free attention (infer.packing)."""
+    """The base with a fresh head; packed=True selects the padding-free attention (model.packing)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     path = resolve_path(cfg.path)
@@ -148,7 +119,7 @@ class PooledClassifier(nn.Module):
     - padded: input_ids / attention_mask (rows, width), right-padded; the last real token comes
       from the attention mask, never from the pad id (pad == EOS for Llama-3 and SmolLM2, so
       HF's pad-id pooling would skip the EOS);
-    - packed: input_ids / position_ids (1, width) + seq_lens (infer.packing); needs a backbone
+    - packed: input_ids / position_ids (1, width) + seq_lens (model.packing); needs a backbone
       loaded with packed=True.
     The head runs on one vector per row instead of every position. `model` is a PeftModel, or
     the plain model once LoRA has been merged into it (merge_lora).
@@ -222,7 +193,7 @@ def compile_layers(model: PooledClassifier, dynamic: bool | None = False) -> Non
 
 def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False,
                        compile: bool = False) -> PooledClassifier:
-    """Base + LoRA + head, trainable; packed=True takes padding-free batches (infer.packing),
+    """Base + LoRA + head, trainable; packed=True takes padding-free batches (model.packing),
     compile=True compiles each decoder layer for widths that change per micro-batch (train.compile).
 
     Quantised bases are not passed through peft's prepare_model_for_kbit_training: it upcasts the
@@ -255,28 +226,18 @@ def head_checksum(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _find_head(tensors: dict, file: Path) -> tuple[str, torch.Tensor]:
-    keys = [k for k in tensors if k.endswith(f"{HEAD}.weight")]
-    if not keys:
-        raise AdapterError(
-            f"{file}: no classification head ('{HEAD}.weight') in the adapter; the run would predict with a "
-            "random head. Retrain, or save with task_type=SEQ_CLS so the head is in modules_to_save."
-        )
-    return keys[0], tensors[keys[0]]
-
-
-def _read_adapter(adapter_dir: Path) -> tuple[dict, Path]:
+def read_adapter(adapter_dir: Path) -> tuple[dict, Path]:
+    """(tensors, file) of a saved adapter folder (a run's adapter/ or a training checkpoint)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = adapter_dir / "adapter_model.safetensors"
     if not file.is_file():
-        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors not found")
-    return load_file(file), file
-
-
-def adapter_head(adapter_dir: Path) -> tuple[str, torch.Tensor]:
-    """(key, tensor) of the head inside a saved adapter; AdapterError when it is not there."""
-    return _find_head(*_read_adapter(adapter_dir))
+        raise AdapterError(f"{file}: not found")
+    try:
+        return load_file(file), file
+    except SafetensorError as err:
+        raise AdapterError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 def check_adapter_loaded(peft_model, saved: dict, source: Path) -> None:
@@ -298,31 +259,6 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     """Load a saved adapter (e.g. a training checkpoint) into an existing PeftModel, verified."""
     from peft import set_peft_model_state_dict
 
-    saved, _ = _read_adapter(adapter_dir)
+    saved, _ = read_adapter(adapter_dir)
     set_peft_model_state_dict(peft_model, saved)
     check_adapter_loaded(peft_model, saved, adapter_dir)
-
-
-def load_for_inference(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int,
-                       packed: bool = False) -> PooledClassifier:
-    """Base per `cfg` (precision may differ from training) + the run's adapter, verified.
-
-    packed=True loads the padding-free attention (infer.packing) for packed batches.
-    """
-    from peft import PeftModel
-
-    adapter_dir = run_dir / "adapter"
-    saved, file = _read_adapter(adapter_dir)
-    _, head = _find_head(saved, file)
-    expected = json.loads((run_dir / "manifest.json").read_text())["head"]["sha256"]
-    if head_checksum(head) != expected:
-        raise AdapterError(
-            f"{file}: head checksum {head_checksum(head)[:12]} differs from the manifest's {expected[:12]}: "
-            "the adapter file was replaced or corrupted"
-        )
-    model = load_base(cfg, pad_token_id, device, packed=packed)
-    head_to_fp32(model)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    check_adapter_loaded(peft_model, saved, adapter_dir)
-    print(f"{run_dir}: adapter and head loaded and verified (head sha256 {expected[:12]})")
-    return PooledClassifier(peft_model).eval()

@@ -1,4 +1,4 @@
-"""The benchmark's checks beside speed (python -m infer bench tasks=exact|scaling|attn).
+"""The benchmark's checks beside speed (python -m bench.infer tasks=exact|scaling|attn).
 
 exact: a real model on real rows; the fast path's probabilities against a plain transformers
 forward. scaling: one run folder scored by 1 and by N GPUs through infer.scoring.run_shares.
@@ -6,18 +6,19 @@ attn: flex-attention tile options for one packed batch with a model's attention 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from infer import packing
-from infer.bench import REPO_TARGETS, BenchConfig, arch_config, fp8_capable, random_lora, random_rows
-from infer.model import HEAD, ModelConfig, PooledClassifier, head_to_fp32, head_checksum, load_base
-from infer.predict import softmax
-from infer.scoring import InferSettings, plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
+from bench.common import REPO_TARGETS, BenchConfig, arch_config, fp8_capable, random_lora, random_rows
+from infer.metrics import softmax
+from infer.scoring import plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
+from model import packing
+from model.factory import HEAD, PooledClassifier, head_checksum, head_to_fp32, load_base
+from model.run import adapter_head, write_manifest
+from model.settings import InferSettings, ModelConfig
 
 
 def exact(cfg: BenchConfig) -> list[dict]:
@@ -25,7 +26,7 @@ def exact(cfg: BenchConfig) -> list[dict]:
     dev = torch.device(cfg.device)
     from data.formatter import FormatConfig, Formatter
     from data.io import read_competition_csv
-    from infer.model import load_tokenizer
+    from model.factory import load_tokenizer
 
     df = read_competition_csv(cfg.csv)[0].iloc[: cfg.exact_rows]
     results = []
@@ -83,8 +84,8 @@ def scaling(cfg: BenchConfig, arch: str, workdir: Path) -> list[dict]:
     run_dir = workdir / f"{arch}-run"
     peft_model = random_lora(base, REPO_TARGETS)
     peft_model.save_pretrained(run_dir / "adapter")
-    head = getattr(peft_model.get_base_model(), HEAD).modules_to_save["default"].weight
-    (run_dir / "manifest.json").write_text(json.dumps({"head": {"sha256": head_checksum(head)}}))
+    key, head = adapter_head(run_dir)  # sealed like a trained run, so the workers' check (model.run.load_model) passes
+    write_manifest(run_dir, {"head": {"key": key, "shape": list(head.shape), "sha256": head_checksum(head)}})
     del base, peft_model
     torch.cuda.empty_cache()
     rows = random_rows(cfg.rows, 2048, config.vocab_size)

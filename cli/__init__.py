@@ -1,0 +1,1 @@
+"""Command-line configs and user errors shared by every entry point."""

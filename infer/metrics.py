@@ -1,0 +1,71 @@
+"""Metrics and probability checks: log loss, a fold's metrics, the CV table, and the one validator of
+prediction files (id + 3 probabilities) that every reader and writer of them uses."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from data.io import LABEL_COLS, DataError, check_columns
+
+PRED_COLS = ("id", *LABEL_COLS)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-class log loss with soft or one-hot targets, probabilities clipped like Kaggle's metric."""
+    probs = np.clip(probs, 1e-15, 1 - 1e-15)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    return float(-(targets * np.log(probs)).sum(axis=1).mean())
+
+
+def fold_metrics(fold: int, truth: np.ndarray, probs: np.ndarray, train_targets: np.ndarray) -> dict:
+    """A held-out fold's log loss next to the class prior of its training rows."""
+    prior = train_targets.mean(axis=0)
+    return {
+        "fold": fold,
+        "rows": len(truth),
+        "log_loss": log_loss(truth, probs),
+        "prior_log_loss": log_loss(truth, np.tile(prior, (len(truth), 1))),
+        "prior": prior.tolist(),
+    }
+
+
+def cv_table(results: list[dict], overall: float, rows: int) -> tuple[str, float]:
+    """(the CV table every trainer prints, overall prior log loss) from fold_metrics results."""
+    lines = [f"{'fold':>5} {'rows':>6} {'log_loss':>9} {'prior':>9}"]
+    for m in results:
+        lines.append(f"{m['fold']:>5} {m['rows']:>6} {m['log_loss']:>9.4f} {m['prior_log_loss']:>9.4f}")
+    # Each fold's prior comes from its own training folds, so the overall prior is row-weighted.
+    prior = sum(m["prior_log_loss"] * m["rows"] for m in results) / rows
+    lines.append(f"{'all':>5} {rows:>6} {overall:>9.4f} {prior:>9.4f}")
+    return "\n".join(lines), prior
+
+
+def some_ids(values, limit: int = 20) -> list:
+    return sorted(set(values), key=str)[:limit]
+
+
+def check_probs(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """`frame` if it is id + 3 probabilities with unique ids, no NaN or negatives, rows summing to 1."""
+    check_columns(frame, PRED_COLS, source)
+    problems = []
+    dup = frame["id"][frame["id"].duplicated(keep=False)]
+    if len(dup):
+        problems.append(f"duplicate ids {some_ids(dup)}")
+    values = frame[list(LABEL_COLS)].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    ids = frame["id"].to_numpy()
+    nan = np.isnan(values).any(axis=1)
+    for what, bad in (("NaN or non-numeric probabilities", nan),
+                      ("negative probabilities", ~nan & (values < 0).any(axis=1)),
+                      ("rows not summing to 1 (within 1e-6)", ~nan & (np.abs(values.sum(axis=1) - 1) > 1e-6))):
+        if bad.any():
+            problems.append(f"{what} for {bad.sum()} id(s) {some_ids(ids[bad])}")
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems))
+    return frame
+
+

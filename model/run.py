@@ -1,0 +1,223 @@
+"""The run folder: writing it, reading it, and every integrity check on it, for training and inference alike.
+
+`runs/<name>/fold<k>-seed<s>/` holds what inference needs (README: Run folders). Training builds
+it as `fold<k>-seed<s>.partial/` and renames it into place only once it is complete, so a kill or
+an `overwrite=true` retraining never leaves a half-written folder under the final name. Its
+manifest.json lists the size and sha256 of every other file in the folder; `verify_run` checks
+all of them (and that the adapter holds its head) before any base model loads, and every reader
+(inference, export, a pre-stage's `train.init_from`) goes through it. Stages: "trained" (adapter,
+tokenizer, config and manifest written: a kill after this resumes at OOF scoring) and "complete"
+(OOF and metrics written). The manifest's `settings` are everything that decides the run's
+result, so a finished run is only ever reused for the same settings (`settings_diff`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from cli.config import ConfigError, from_dict
+from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
+from model.factory import (AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum, head_to_fp32,
+                           load_base, read_adapter)
+from model.settings import InferSettings, ModelConfig, inference_model
+
+MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+# Files inference cannot do without; the manifest must list them (with every other file).
+REQUIRED = (ADAPTER_FILE, "adapter/adapter_config.json", "config.yaml")
+STAGES = ("trained", "complete")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """relative path -> {sha256, size} for every file under `root` but the manifest itself."""
+    return {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    }
+
+
+def verify_files(root: Path, files: dict[str, dict], error=AdapterError) -> int:
+    """Every listed file exists with its size and sha256 (the first mismatch named); returns the count."""
+    for rel, want in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise error(f"{path}: missing (listed in {root / MANIFEST})")
+        if path.stat().st_size != want["size"]:
+            raise error(f"{path}: {path.stat().st_size} bytes, {want['size']} in {root / MANIFEST} (truncated or replaced)")
+        if sha256_file(path) != want["sha256"]:
+            raise error(f"{path}: sha256 differs from {root / MANIFEST} (changed or corrupted since it was written)")
+    return len(files)
+
+
+def read_manifest(folder: Path, error=AdapterError) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise error(f"{path}: missing; {folder} is not a run folder written by this code")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise error(f"{path}: no file list (written by an older version of this code, or edited): retrain the run")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Seal the folder: the manifest lists every other file's size and sha256; written last, atomically."""
+    manifest = {**manifest, "files": file_table(folder)}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(folder / MANIFEST)
+    return manifest
+
+
+def verify_run(folder: Path, stage: str = "trained") -> dict:
+    """The manifest of a run folder whose every file matches it, at `stage` or later; AdapterError naming
+    the first file that does not. Reads no model: call it before a base loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: no such run folder")
+    manifest = read_manifest(folder)
+    missing = [rel for rel in REQUIRED if rel not in manifest["files"]]
+    if missing:
+        raise AdapterError(f"{folder / MANIFEST}: does not list {missing}; not a complete run folder")
+    verify_files(folder, manifest["files"])
+    if STAGES.index(manifest.get("stage", "trained")) < STAGES.index(stage):
+        raise AdapterError(f"{folder}: training stage {manifest.get('stage')!r}, not {stage!r}")
+    if manifest["formatter"]["version"] != FORMATTER_VERSION:
+        raise AdapterError(f"{folder}: trained with formatter version {manifest['formatter']['version']}, this code has "
+                           f"{FORMATTER_VERSION}; token ids would differ from training")
+    key, head = adapter_head(folder)
+    if key != manifest["head"]["key"] or head_checksum(head) != manifest["head"]["sha256"]:
+        raise AdapterError(f"{folder / ADAPTER_FILE}: head {key} differs from the manifest's {manifest['head']['key']}")
+    return manifest
+
+
+def adapter_head(folder: Path) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the classification head inside a run's (or a checkpoint's) adapter file."""
+    from model.factory import HEAD
+
+    adapter = folder / "adapter" if (folder / ADAPTER_FILE).is_file() else folder
+    saved, file = read_adapter(adapter)
+    keys = [k for k in saved if k.endswith(f"{HEAD}.weight")]
+    if not keys:
+        raise AdapterError(
+            f"{file}: no classification head ('{HEAD}.weight') in the adapter; the run would predict with a "
+            "random head. Retrain, or save with task_type=SEQ_CLS so the head is in modules_to_save."
+        )
+    return keys[0], saved[keys[0]]
+
+
+def write_trained(folder: Path, peft_model, tokenizer, config: dict, manifest: dict) -> dict:
+    """Stage "trained": adapter (LoRA + head), tokenizer, resolved config.yaml and the sealed manifest."""
+    peft_model.save_pretrained(folder / "adapter")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    key, head = adapter_head(folder)
+    head_info = {"key": key, "shape": list(head.shape), "sha256": head_checksum(head)}
+    return write_manifest(folder, {**manifest, "stage": "trained", "head": head_info})
+
+
+def write_complete(folder: Path, metrics: dict) -> dict:
+    """Stage "complete": after the OOF files are written, metrics.json and the manifest resealed over all."""
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return write_manifest(folder, {**read_manifest(folder), "stage": "complete", "metrics": metrics})
+
+
+def partial_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".partial")
+
+
+def publish(partial: Path, run_dir: Path) -> None:
+    """Move a complete partial folder to its final name, replacing an older run only now."""
+    old = run_dir.with_name(run_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if run_dir.exists():
+        run_dir.rename(old)
+    partial.rename(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def settings_diff(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings mappings (one line each: key: saved -> wanted)."""
+    out = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        a, b = saved.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """A verified run folder: its resolved settings (inference overrides applied) and manifest."""
+
+    path: Path
+    model: ModelConfig  # the base as inference builds it (inference_model)
+    format: FormatConfig
+    infer: InferSettings
+    manifest: dict
+
+    def formatter(self) -> Formatter:
+        """The formatter exactly as the run was trained with: its saved tokenizer and format settings."""
+        from transformers import AutoTokenizer
+
+        return Formatter(AutoTokenizer.from_pretrained(self.path / "tokenizer", local_files_only=True), self.format)
+
+
+def load_run(path: Path, infer: dict | None = None, infer_max_length: int | None = None, need_base: bool = True) -> Run:
+    """A run folder, verified file by file, with `infer` (raw infer.* overrides) applied over its saved settings.
+
+    need_base=False is for tools that only use the saved settings and tokenizer (infer plan).
+    """
+    path = Path(path)
+    manifest = verify_run(path)
+    raw = yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        settings = from_dict(InferSettings, {**raw["infer"], **(infer or {})}, f"{path}/config.yaml:infer + overrides")
+        fmt = from_dict(FormatConfig, raw["format"], f"{path}/config.yaml:format")
+        if infer_max_length is not None:
+            fmt = dataclasses.replace(fmt, infer_max_length=infer_max_length)
+        model = inference_model(from_dict(ModelConfig, raw["model"], f"{path}/config.yaml:model"), settings)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if need_base:
+        check_base(model)
+    return Run(path, model, fmt, settings, manifest)
+
+
+def load_model(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_id: int,
+               packed: bool = False) -> PooledClassifier:
+    """Base per `cfg` (precision may differ from training) + the run's adapter, tensor by tensor as saved.
+
+    The adapter file is checked against the manifest again here: workers load it in their own process.
+    packed=True loads the padding-free attention (model.packing) for packed batches.
+    """
+    from peft import PeftModel
+
+    manifest = read_manifest(run_dir)
+    verify_files(run_dir, {rel: manifest["files"][rel] for rel in REQUIRED})
+    saved, _ = read_adapter(run_dir / "adapter")
+    model = load_base(cfg, pad_token_id, device, packed=packed)
+    head_to_fp32(model)
+    peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)
+    check_adapter_loaded(peft_model, saved, run_dir / "adapter")
+    print(f"{run_dir}: adapter and head loaded and verified (head sha256 {manifest['head']['sha256'][:12]})")
+    return PooledClassifier(peft_model).eval()
