@@ -1,4 +1,4 @@
-"""Inference entry point.
+"""Inference entry point: dispatches `python -m infer <command>` to the module that owns the command.
 
 Usage:
     python -m infer predict runs=RUN[,RUN...] csv=test.csv sample_submission=... out=submission.csv
@@ -6,7 +6,6 @@ Usage:
     python -m infer plan ...       estimate the wall time of a prediction job before running it
     python -m infer report ...     Markdown + PNG report for OOF files
     python -m infer kaggle ...     Kaggle entry: exported dataset -> submission.csv (see python -m train.export)
-    python -m bench.infer ...      GPU throughput / exactness benchmark of this module against the seed method
     python -m infer <command> --help
 """
 import sys
@@ -17,7 +16,6 @@ COMMANDS = {
     "plan": "infer.plan",
     "report": "infer.report",
     "kaggle": "infer.kaggle",
-    "bench": "infer.bench",
 }
 
 

@@ -78,8 +78,7 @@ def test_compiled_packed_path_matches_padded_on_cuda(arch, request, tiny_tokeniz
     from cli.config import build_config
     from data.formatter import Formatter
     from model.factory import ModelConfig, PooledClassifier, compile_layers, load_base
-    from model.packing import pack_rows
-    from infer.scoring import make_inputs, pad_batch
+    from model.packing import make_inputs, pack_rows, pad_batch
     from train.config import TrainConfig
 
     cfg = ModelConfig(path=str(request.getfixturevalue(arch)), quantization="none", compute_dtype="float32")

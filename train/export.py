@@ -82,7 +82,8 @@ class ExportError(UserError, RuntimeError):
 
 
 def is_run(path: Path) -> bool:
-    return (path / MANIFEST).is_file() and (path / "adapter").is_dir()
+    """A run folder under its final name (an unfinished `.partial` one is not a member's run)."""
+    return path.suffix not in (".partial", ".old") and (path / MANIFEST).is_file() and (path / "adapter").is_dir()
 
 
 def check_source_run(run: Path) -> dict:
