@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cli.config import ConfigError, UserError, cli_config, opt, run_cli
 from model.run import MANIFEST, verify_files
+from model.run import read_manifest as read_run_manifest
 from model.settings import InferSettings
 
 # The only Kaggle paths in the repo: where Kaggle mounts inputs and expects the submission.
@@ -48,15 +49,9 @@ class DatasetError(UserError, RuntimeError):
 
 
 def read_manifest(dataset: Path) -> dict:
-    path = dataset / MANIFEST
-    if not path.is_file():
-        raise DatasetError(f"{dataset}: no {MANIFEST}; is this a folder written by `python -m train.export`?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_run_manifest(dataset, DatasetError)  # the same file list and checks as a run folder's
     if manifest.get("format") != DATASET_FORMAT:
-        raise DatasetError(f"{path}: dataset format {manifest.get('format')!r}, this code reads {DATASET_FORMAT}")
+        raise DatasetError(f"{dataset / MANIFEST}: dataset format {manifest.get('format')!r}, this code reads {DATASET_FORMAT}")
     return manifest
 
 

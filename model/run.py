@@ -67,7 +67,7 @@ def verify_files(root: Path, files: dict[str, dict], error=AdapterError) -> int:
 def read_manifest(folder: Path, error=AdapterError) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise error(f"{path}: missing; {folder} is not a run folder written by this code")
+        raise error(f"{path}: missing; {folder} was not written by this code, or not completely")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -29,7 +29,8 @@ from infer.metrics import cv_table, log_loss
 from infer.predict import write_predictions
 from train.config import TrainConfig
 from train.distributed import dist_rank
-from train.fold import load_rows, run_dir_for, train_fold
+from train.fold import load_rows, train_fold
+from train.state import run_dir_for
 
 
 def cv_summary(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:

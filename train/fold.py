@@ -3,9 +3,9 @@
 A run folder `output_dir/name/fold{k}-seed{s}/` (model.run: built as `.partial`, renamed when
 complete) ends up holding everything inference needs: adapter/ (LoRA + head), tokenizer/,
 config.yaml (resolved), manifest.json (formatter, head, settings with input hashes, package
-versions, metrics, sha256 of every file), oof.csv and metrics.json. A finished run is reused only
-for the same settings; a killed one resumes from its last checkpoint, or at OOF scoring once its
-adapter was saved.
+versions, metrics, sha256 of every file), oof.csv and metrics.json. train.state decides whether a
+finished run is reused (same settings only), and whether a killed one resumes from its last
+checkpoint or, once its adapter was saved, at OOF scoring.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
 from infer.metrics import fold_metrics
 from infer.predict import load_run, predict_frame, write_predictions
-from model.factory import AdapterError, HEAD, build_for_training, check_base, load_adapter_weights, load_tokenizer, pick_device
+from model.factory import HEAD, build_for_training, check_base, load_adapter_weights, load_tokenizer, pick_device
 from model.packing import pack_batch, pad_batch
-from model.run import (ADAPTER_FILE, partial_dir, publish, read_manifest, settings_diff, sha256_file, verify_run,
-                       write_complete, write_trained)
+from model.run import partial_dir, publish, read_manifest, write_complete, write_trained
 from train.config import TrainConfig
+from train.state import fold_settings, fold_state, run_dir_for
 from train.distributed import RankBalancedSampler, barrier, dist_rank
 from train.prestage import excluded_prompts, init_from
 
@@ -43,10 +43,6 @@ from train.prestage import excluded_prompts, init_from
 # Packed widths are rounded up to this: a handful of distinct shapes for compiled attention
 # instead of one per micro-batch, for at most PACK_MULTIPLE - 1 padding tokens per step.
 PACK_MULTIPLE = 256
-
-
-def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
-    return Path(cfg.output_dir) / cfg.name / f"fold{fold}-seed{cfg.seed}"
 
 
 def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -195,31 +191,6 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
     return args
 
 
-# Keys that locate or drive a run but do not change its result (1 and N workers score identically).
-NOT_SETTINGS = {"": ("overwrite", "resume", "name", "output_dir"), "train": ("report_to", "logging_steps", "save_steps"),
-                "infer": ("workers",)}
-
-
-def _digest(path: str) -> str:
-    return f"sha256:{sha256_file(Path(path))}" if Path(path).is_file() else f"missing:{path}"
-
-
-def fold_settings(cfg: TrainConfig, fold: int) -> dict:
-    """Everything that decides a fold's result, data files by content: a finished run is reused only for these."""
-    raw = to_dict(dataclasses.replace(cfg, fold=str(fold)))
-    for section, keys in NOT_SETTINGS.items():
-        for key in keys:
-            (raw[section] if section else raw).pop(key)
-    data = raw["data"]
-    data["train_csv"], data["folds_csv"] = _digest(data["train_csv"]), _digest(data["folds_csv"])
-    data["extra_csv"] = [_digest(p) for p in data["extra_csv"]]
-    data["exclude_prompts_of"] = [_digest(p) for p in data["exclude_prompts_of"]]
-    if cfg.train.init_from:
-        src = Path(cfg.train.init_from)
-        raw["train"]["init_from"] = _digest(str((src.parent if src.name == "adapter" else src) / ADAPTER_FILE))
-    return raw
-
-
 def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict,
              origin: dict | None, settings: dict | None = None, training: dict | None = None) -> dict:
     """Stage "trained" of a run folder (model.run.write_trained): adapter, tokenizer, resolved config, manifest."""
@@ -237,53 +208,6 @@ def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Forma
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     return write_trained(run_dir, model.model, tokenizer, to_dict(dataclasses.replace(cfg, fold=str(fold))), manifest)
-
-
-def _refuse(run: Path, what: str, differ: list[str]) -> ConfigError:
-    return ConfigError(f"{run} {what} with other settings:\n  " + "\n  ".join(differ[:20]) +
-                       "\nrun with the settings above, pass overwrite=true to retrain (the old run stays until the new "
-                       "one is complete), or give this run another name=")
-
-
-def resume_point(cfg: TrainConfig, work: Path, settings: dict) -> Path | None:
-    """The last checkpoint of a killed run of the same settings, or None to start afresh."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    trainer_dir = work / "trainer"
-    if cfg.resume != "auto" or cfg.overwrite or not trainer_dir.is_dir():
-        return None
-    last = get_last_checkpoint(str(trainer_dir))
-    if last is None:
-        return None
-    saved = trainer_dir / "settings.json"
-    differ = settings_diff(json.loads(saved.read_text()), settings) if saved.is_file() else ["settings.json: missing"]
-    if differ:
-        raise _refuse(work, "holds checkpoints of a run (different config)", differ)
-    return Path(last)
-
-
-def fold_state(cfg: TrainConfig, fold: int, settings: dict) -> tuple[str, dict | None, Path | None]:
-    """(action, manifest, checkpoint) read from disk before anything is written, the same on every rank:
-    reuse a finished run | publish a complete .partial | score a trained one | train (from a checkpoint)."""
-    run_dir = run_dir_for(cfg, fold)
-    work = partial_dir(run_dir)
-    if run_dir.exists() and not cfg.overwrite:
-        manifest = verify_run(run_dir, stage="complete")
-        differ = settings_diff(manifest.get("settings", {}), settings)
-        if differ:
-            raise _refuse(run_dir, "is finished", differ)
-        return "reuse", manifest, None
-    if (work / "manifest.json").is_file() and not cfg.overwrite:
-        try:
-            manifest = verify_run(work)
-        except AdapterError as err:
-            print(f"fold {fold}: {work} cannot be resumed ({err}); training afresh")
-            return "train", None, None
-        differ = settings_diff(manifest.get("settings", {}), settings)
-        if differ:
-            raise _refuse(work, "was trained (not yet scored)", differ)
-        return ("publish" if manifest["stage"] == "complete" else "score"), manifest, None
-    return "train", None, resume_point(cfg, work, settings)
 
 
 def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
