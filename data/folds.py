@@ -18,7 +18,6 @@ competition data and minus duplicate comparisons.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cli.config import cli_config, opt, run_cli
+from cli.output import OutputError, check_output, write_file
 from data.io import DataError, pair_key, prompt_key, read_checked_csv, read_competition_csv
 
 FOLD_COLS = ("id", "fold")
@@ -140,19 +140,20 @@ def fold_table(df: pd.DataFrame, folds: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _refuse_overwrite(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; folds are made once and read by everything. "
-                        "Pass overwrite=true to replace it (and redo every OOF score made with it).")
+def _refuse_overwrite(out: Path, overwrite: bool) -> Path:
+    try:
+        return check_output(out, overwrite)
+    except OutputError:
+        if out.is_file() and not overwrite:  # say what replacing it costs
+            raise OutputError(f"{out} already exists; folds are made once and read by everything. "
+                              "Pass overwrite=true to replace it (and redo every OOF score made with it).") from None
+        raise
 
 
 def write_folds(folds: pd.DataFrame, out: Path, overwrite: bool) -> None:
     _refuse_overwrite(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target, then renamed: a crash never leaves a half-written folds file.
-    tmp = out.with_name(out.name + ".tmp")
-    folds.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, out)
+    write_file(out, lambda tmp: folds.to_csv(tmp, index=False, lineterminator="\n"), overwrite)
 
 
 def run(cfg: FoldsConfig) -> pd.DataFrame:

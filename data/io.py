@@ -1,4 +1,8 @@
-"""Reading and validating competition CSVs (train.csv, test.csv, sample_submission.csv).
+"""Reading and validating every CSV the repo takes in: competition files, folds, sample submissions, predictions.
+
+Files are UTF-8 (a BOM is fine) or gzip (recognised by content, whatever the name); empty,
+header-only, undecodable or unparseable files, missing columns, and blank, non-integer or repeated
+ids are errors that name the file (and the lines), raised before any model loads.
 
 prompt / response cells are JSON lists with one string per turn. They are parsed with
 `json.loads` (never `eval`); `null` turns become "" and lone UTF-16 surrogates become U+FFFD,
@@ -9,9 +13,12 @@ dropped when the caller asks for it (`drop_bad_rows=True`), and then counted.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import io
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +100,13 @@ def read_competition_csv(
     Returns the frame (extra columns kept, `label` = int class, `target` = 3 floats) and the report.
     """
     path = Path(path)
-    df = read_checked_csv(path, ["id", *TEXT_COLS], dtype={c: "str" for c in TEXT_COLS}, keep_default_na=False, na_values=[])
-    has_labels = all(c in df.columns for c in LABEL_COLS) if labels is None else labels
+    df = read_checked_csv(path, ["id", *TEXT_COLS], what="competition CSV", dtype={c: "str" for c in TEXT_COLS},
+                          keep_default_na=False, na_values=[])
+    present = [c for c in LABEL_COLS if c in df.columns]
+    if labels is None and 0 < len(present) < len(LABEL_COLS):
+        raise DataError(f"{path}: label column(s) {[c for c in LABEL_COLS if c not in present]} missing while "
+                        f"{present} are there; give all three (train format) or none (test format)")
+    has_labels = len(present) == len(LABEL_COLS) if labels is None else labels
     if has_labels:
         check_columns(df, TRAIN_COLS, path)
 
@@ -161,21 +173,71 @@ def check_columns(df: pd.DataFrame, required, path: Path) -> None:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
 
 
-def read_checked_csv(path: str | Path, required, **read_kwargs) -> pd.DataFrame:
-    """A CSV that exists, has the `required` columns and unique ids; errors name the file."""
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def csv_text(path: Path) -> str:
+    """The text of a CSV file: UTF-8 with or without a BOM, gzip recognised by its content (whatever its
+    name); anything else is a DataError naming the file."""
+    raw = path.read_bytes()
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: gzip-compressed but cannot be decompressed ({err})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: empty file; expected a CSV with a header row")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a UTF-8 CSV (byte {err.start}: {raw[err.start:err.start + 8]!r}); "
+                        "save it as UTF-8, or gzip it") from None
+
+
+def read_checked_csv(path: str | Path, required, what: str = "CSV", **read_kwargs) -> pd.DataFrame:
+    """A CSV with the `required` columns and at least one row, whose ids are unique integers; every
+    error names the file (and the rows, where there are some)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path, **read_kwargs)
+        raise DataError(f"{path}: " + ("a folder, not a file" if path.is_dir() else "file not found") + f" (expected a {what})")
+    text = csv_text(path)
+    try:
+        df = pd.read_csv(io.StringIO(text), **read_kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise DataError(f"{path}: not a readable CSV ({str(err).strip().splitlines()[-1]})") from None
     check_columns(df, required, path)
+    if df.empty:
+        raise DataError(f"{path}: a header ({', '.join(map(str, df.columns))}) but no rows")
+    df["id"] = integer_ids(df["id"], path)
     dup = df["id"][df["id"].duplicated(keep=False)]
     if len(dup):
         raise DataError(f"{path}: duplicate ids {sorted(set(dup.tolist()))[:20]} ({dup.nunique()} ids repeated)")
     return df
 
 
-def read_sample_submission(path: str | Path) -> pd.DataFrame:
-    return read_checked_csv(path, ("id", *LABEL_COLS))
+def integer_ids(ids: pd.Series, path: Path) -> pd.Series:
+    """ids as int64; blank, NaN or non-integer ids are an error naming their lines (the header is line 1)."""
+    text = ids.astype(str).str.strip()
+    as_num = pd.to_numeric(text.where(text != ""), errors="coerce")
+    bad = as_num.isna() | (as_num != as_num.round())
+    if bad.any():
+        values = ["" if pd.isna(v) else v for v in ids[bad].tolist()[:10]]  # a blank cell reads as NaN
+        shown = [f"line {pos + 2}: {value!r}" for pos, value in zip(np.flatnonzero(bad)[:10], values)]
+        raise DataError(f"{path}: field id must be an integer in every row; {int(bad.sum())} row(s) are not: "
+                        + ", ".join(shown))
+    return as_num.astype("int64")
+
+
+def read_sample_submission(path: str | Path, ids: pd.Series | None = None) -> pd.DataFrame:
+    """sample_submission.csv; with `ids` (the rows to be scored) its id set must equal theirs, checked
+    before any scoring."""
+    df = read_checked_csv(path, ("id", *LABEL_COLS), what="sample submission")
+    if ids is not None:
+        missing, extra = set(ids) - set(df["id"]), set(df["id"]) - set(ids)
+        if missing or extra:
+            raise DataError(f"{path}: ids differ from the rows to score: {len(extra)} not among them "
+                            f"{sorted(extra)[:10]}, {len(missing)} of them absent {sorted(missing)[:10]}")
+    return df
 
 
 def targets_by_id(df: pd.DataFrame, ids) -> np.ndarray:

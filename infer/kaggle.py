@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cli.config import ConfigError, UserError, cli_config, opt, run_cli
+from cli.output import check_output
 from model.run import MANIFEST, verify_files
 from model.run import read_manifest as read_run_manifest
 from model.settings import InferSettings
@@ -37,6 +38,7 @@ class KaggleConfig:
     dataset: str = opt("", "exported dataset folder (manifest.json, members/, optional recipe.json); kaggle_infer.py passes its own folder")
     competition: str = opt(KAGGLE_COMPETITION_DIR, "folder holding test.csv and sample_submission.csv")
     out: str = opt(KAGGLE_SUBMISSION, "submission CSV to write")
+    overwrite: bool = opt(False, "replace `out` if it exists")
     base: list[str] = opt([], "base model folder: PATH for every run member, or NAME=PATH for member NAME (comma-separated)")
     verify: bool = opt(True, "check every dataset file's sha256 against manifest.json before predicting")
     infer: InferSettings = dataclasses.field(default_factory=InferSettings, metadata={
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.dataset:
         raise ConfigError("dataset= is required: the exported dataset folder (kaggle_infer.py passes its own)")
     start = time.time()
+    out = check_output(cfg.out, cfg.overwrite)
     dataset, competition = Path(cfg.dataset), Path(cfg.competition)
     manifest = read_manifest(dataset)
     for name, exported in manifest["packages"].items():
@@ -133,10 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{dataset}: {verify_files(dataset, manifest['files'], DatasetError)} files match {MANIFEST}")
     rows, report = read_competition_csv(competition / "test.csv", labels=False)
     print(report.summary())
-    order = read_sample_submission(competition / "sample_submission.csv")["id"]
+    order = read_sample_submission(competition / "sample_submission.csv", rows["id"])["id"]
     pred = combine(dataset, manifest, predict_members(dataset, manifest, cfg, given.get("infer", {}), rows), rows)
     pred = check_probs(merge_by_id([pred], order), "submission")  # sample_submission order; its ids must equal test.csv's
-    write_predictions(pred, Path(cfg.out))
+    write_predictions(pred, out, cfg.overwrite)
     print(f"wrote {len(pred)} rows to {cfg.out} in {time.time() - start:.0f} s")
 
 

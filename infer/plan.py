@@ -10,8 +10,8 @@ when swap TTA is on), and the rows are cut into batches as inference cuts them (
 token_budget and max_rows), which gives the padded token count. Minutes = tokens / (tokens per
 second) / 60, members one after another as `infer predict` scores them. The rate comes from
 throughput= or from the throughput table (infer/throughput.yaml), keyed by hardware= and the
-model family: `model_type` in the base model's config.json, or family= when that file cannot be
-read. The table's rates count real (unpadded) tokens; count=padded divides the padded count
+base model: its `model_type` and size (from its config.json or GGUF header), or family= when that
+cannot be read; where the table has no figure, the error says how to measure one. The table's rates count real (unpadded) tokens; count=padded divides the padded count
 instead, for a rate measured that way. Over budget_hours a WARN line is printed with the minutes
 each knob would save (infer.tta=false, format.infer_max_length at the 90th percentile of row lengths,
 dropping the slowest member); the exit code stays 0.
@@ -64,43 +64,81 @@ def member_name(run: Run) -> str:
     return f"{run.path.parent.name}/{run.path.name}"
 
 
-def model_family(run: Run) -> str | None:
-    """`model_type` from the base model's config.json, or None where that file cannot be read."""
+def model_info(run: Run) -> tuple[str, float] | None:
+    """(model_type, non-embedding parameters in billions) of the run's base, from its config (config.json or
+    the GGUF header); None where it cannot be read. Parameters: attention q/k/v/o and three MLP matrices
+    per layer (the Llama / Gemma-2 layout), which sets the FLOPs per token and so the rate."""
+    from transformers import AutoConfig
+
     try:
-        config = resolve_path(run.model.path) / "config.json"
-    except ConfigError:
+        folder = resolve_path(run.model.path)
+        gguf = {"gguf_file": run.model.gguf_file} if run.model.gguf_file else {}
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **gguf)
+    except (ConfigError, OSError, ValueError):
         return None
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config.intermediate_size
+    return config.model_type, config.num_hidden_layers * per_layer / 1e9
+
+
+SIZE_TOLERANCE = 0.3  # a rate serves models within 30 % of the size it was measured with
 
 
 class ThroughputTable:
-    """Callable run -> tokens/s from a {hardware: {family: tokens_per_s}} YAML; `used` says what was looked up."""
+    """Callable run -> tokens/s from a {hardware: {model key: tokens_per_s}} YAML; `used` says what was looked up.
+
+    A model key is a family (`model_type`), or family-<size> for another size of it; the table's
+    `sizes` section gives each key's non-embedding parameters, and a run's base must be within
+    SIZE_TOLERANCE of them (a 135M Llama is not timed like an 8B one). Without `sizes`, keys are families.
+    """
 
     def __init__(self, path: Path, hardware: str, family: str = ""):
         if not Path(path).is_file():
             raise ConfigError(f"throughput table {path} not found; pass throughput=TOKENS_PER_S")
         table = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-            raise ConfigError(f"{path}: expected {{hardware: {{family: tokens_per_s}}}}")
+            raise ConfigError(f"{path}: expected {{hardware: {{model: tokens_per_s}}}}")
+        self.sizes = table.pop("sizes", {})
         self.path, self.table, self.hardware, self.family = Path(path), table, hardware, family
         self.used: dict[str, str] = {}
 
+    def key_for(self, run: Run) -> tuple[str, str | None, str]:
+        """(family, table key or None when no size fits, how it was found) for the run's base model."""
+        info = model_info(run)
+        if info is None:
+            if not self.family:
+                raise ConfigError(f"{run.path}: cannot tell the model family (no readable config in model.path="
+                                  f"{run.model.path}); pass family=NAME (e.g. gemma2, llama) or throughput=TOKENS_PER_S")
+            return self.family, self.family, "family="
+        family, params = info
+        if not self.sizes:
+            return family, family, "config"
+        fits = [k for k, size in self.sizes.items()
+                if k.split("-")[0] == family and abs(params / size - 1) <= SIZE_TOLERANCE]
+        return family, (fits[0] if fits else None), f"config: {family}, {params:.3g} B non-embedding parameters"
+
+    def how_to_measure(self, run: Run, key: str) -> str:
+        return (f"measure it on {self.hardware}: `python -m infer predict runs={run.path} csv=<rows> infer.tta=false` "
+                "prints each worker's tokens/s after its first batch; add their sum as "
+                f"{self.hardware}: {{{key}: <tokens/s>}} to {self.path} (a new size also under `sizes`), "
+                "or pass throughput=TOKENS_PER_S")
+
     def __call__(self, run: Run) -> float:
-        found = model_family(run)
-        family = found or self.family
-        if not family:
-            raise ConfigError(f"{run.path}: cannot tell the model family (no readable config.json in model.path="
-                              f"{run.model.path}); pass family=NAME (e.g. gemma2, llama) or throughput=TOKENS_PER_S")
-        value = self.table.get(self.hardware, {}).get(family)
+        family, key, origin = self.key_for(run)
+        known = {hw: sorted(k for k, v in keys.items() if v is not None) for hw, keys in self.table.items()}
+        if self.hardware not in self.table or key is None:
+            why = "no such key: no rates for that hardware" if self.hardware not in self.table else f"no model key of that size (sizes: {self.sizes})"
+            raise ConfigError(f"{self.path}: no tokens/s for hardware={self.hardware}, family={family} (from {origin}; "
+                              f"{why}; measured: {known}); {self.how_to_measure(run, key or family + '-<size>')}")
+        value = self.table[self.hardware].get(key)
         if value is None:
-            why = "not measured yet" if family in self.table.get(self.hardware, {}) else "no such key"
-            known = {hw: sorted(k for k, v in fams.items() if v is not None) for hw, fams in self.table.items()}
-            origin = "from the base model's config.json" if found else "from family="
-            raise ConfigError(f"{self.path}: no tokens/s for hardware={self.hardware}, family={family} ({origin}; {why}; "
-                              f"measured: {known}); add it there once measured, or pass throughput=TOKENS_PER_S")
+            why = "not measured yet" if key in self.table[self.hardware] else "no such key"
+            raise ConfigError(f"{self.path}: no tokens/s for hardware={self.hardware}, family={key} (from {origin}; "
+                              f"{why}; measured: {known}); {self.how_to_measure(run, key)}")
         if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{self.path}: {self.hardware}.{family} must be a positive number, got {value!r}")
-        self.used[member_name(run)] = f"{family} ({'config.json' if found else 'family='}) on {self.hardware}: {value} tokens/s"
+            raise ConfigError(f"{self.path}: {self.hardware}.{key} must be a positive number, got {value!r}")
+        self.used[member_name(run)] = f"{key} ({origin}) on {self.hardware}: {value} tokens/s"
         return float(value)
 
 

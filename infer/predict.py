@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from cli.config import ConfigError, UserError, cli_config, opt, run_cli
+from cli.output import check_output, write_file
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
 from infer.metrics import log_loss, softmax
 from infer.scoring import plan_batches, run_shares, split_batches, unbatch
@@ -41,6 +42,7 @@ class PredictConfig:
     runs: list[str] = opt([], "run folders (each holds adapter/, tokenizer/, config.yaml, manifest.json)")
     csv: str = opt("", "competition-format CSV to score (test.csv, or train.csv with folds/fold)")
     out: str = opt("submission.csv", "where to write id + 3 probabilities")
+    overwrite: bool = opt(False, "replace `out` if it exists")
     sample_submission: str = opt("", "if set, output follows its id order and must cover exactly its ids")
     folds: str = opt("", "folds file (id,fold): with `fold`, score only that fold's rows")
     fold: int = opt(-1, "fold to score (needs `folds`); -1 scores every row")
@@ -125,9 +127,9 @@ def select_fold(df: pd.DataFrame, folds_path: str, fold: int) -> pd.DataFrame:
     return df[df["fold"] == fold].reset_index(drop=True)
 
 
-def write_predictions(pred: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pred.to_csv(path, index=False, float_format="%.9g")
+def write_predictions(pred: pd.DataFrame, path: Path, overwrite: bool = True) -> None:
+    """id + 3 probabilities, written atomically (cli.output.write_file); overwrite=False never replaces a file."""
+    write_file(path, lambda tmp: pred.to_csv(tmp, index=False, float_format="%.9g"), overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,16 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("folds= and fold= go together")
     if cfg.drop_bad_rows and cfg.sample_submission:
         raise ConfigError("drop_bad_rows cannot be combined with sample_submission: every id needs a prediction")
+    out = check_output(cfg.out, cfg.overwrite)  # before hours of scoring, not after
     runs = [load_run(Path(r), given.get("infer"), cfg.infer_max_length) for r in cfg.runs]
     df, report = read_competition_csv(cfg.csv, drop_bad_rows=cfg.drop_bad_rows)
     print(report.summary())
     if cfg.folds:
         df = select_fold(df, cfg.folds, cfg.fold)
+    order = read_sample_submission(cfg.sample_submission, df["id"])["id"] if cfg.sample_submission else None
     pred = predict_frame(runs, df)
-    if cfg.sample_submission:
-        order = read_sample_submission(cfg.sample_submission)["id"]
+    if order is not None:
         pred = merge_by_id([pred], order)
-    write_predictions(pred, Path(cfg.out))
+    write_predictions(pred, out, cfg.overwrite)
     print(f"wrote {len(pred)} rows to {cfg.out}")
     if "target" in df:
         truth = targets_by_id(df, pred["id"])

@@ -118,9 +118,11 @@ def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, b
     model = load_model(Path(run_path), ModelConfig(**model_cfg), dev, pad_id, packed=layout == "packed")
     print(f"worker {rank} ({device}, {layout} layout): {'; '.join(prepare(model, infer, layout))}")
     logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
-    if stats["steady_s"] > 0:
-        print(f"worker {rank}: {stats['tokens']} tokens; first batch {stats['first_batch_s']:.1f} s, then "
-              f"{stats['steady_tokens'] / stats['steady_s']:,.0f} tokens/s")
+    if len(batches) > 1:  # the first batch carries compilation and warm-up: the rate is the rest's
+        print(f"worker {rank}: {stats['tokens']} tokens in {len(batches)} batches; first batch {stats['first_batch_s']:.1f} s, "
+              f"then {stats['steady_tokens'] / max(stats['steady_s'], 1e-9):,.0f} tokens/s")
+    elif batches:
+        print(f"worker {rank}: {stats['tokens']} tokens in 1 batch, {stats['first_batch_s']:.1f} s (warm-up included)")
     return logits, stats
 
 

@@ -8,9 +8,13 @@ or stale head is an error, not noise.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -61,14 +65,39 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False):
-    """The base with a fresh head; packed=True selects the padding-free attention (model.packing)."""
+@contextlib.contextmanager
+def dropped_log(logger: str, containing: str) -> Iterator[None]:
+    """For the block only, drop one library logger's records that contain `containing`: a message known
+    to be false there. (Raising the logger's level instead would change what transformers runs.)"""
+    def keep(record: logging.LogRecord) -> bool:
+        return containing not in record.getMessage()
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False,
+              head_restored: bool = False):
+    """The base with a fresh head; packed=True selects the padding-free attention (model.packing).
+
+    head_restored=True (inference: the caller loads the trained head right after) silences
+    transformers' load report, whose "score.weight MISSING ... newly initialized" is false there.
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     path = resolve_path(cfg.path)
     gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     dtype = DTYPES[cfg.compute_dtype]
     kwargs: dict = {"dtype": dtype}
+    if cfg.quantization != "none":
+        # bitsandbytes' CPU backend asks on import for the `kernels` package, which fetches kernels from
+        # the hub at run time (never done here); it runs correctly without it.
+        with dropped_log("bitsandbytes.backends.cpu.ops", "pip install kernels"):
+            importlib.import_module("bitsandbytes")
     if cfg.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -86,9 +115,10 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
     elif attn == "auto":
         model_type = AutoConfig.from_pretrained(path, local_files_only=True, **gguf).model_type
         attn = "eager" if model_type == "gemma2" else "sdpa"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **gguf, **kwargs
-    )
+    with dropped_log("transformers.modeling_utils", "LOAD REPORT") if head_restored else contextlib.nullcontext():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **gguf, **kwargs
+        )
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if device.type == "cpu" and cfg.quantization == "4bit":
@@ -206,7 +236,11 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
     model = load_base(cfg, pad_token_id, device, packed=packed)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the reentrant kind does).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head_to_fp32(model)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # puts the head in modules_to_save: trained and saved with the adapter
@@ -216,7 +250,9 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
         target_modules=list(cfg.lora_targets),
         layers_to_transform=list(cfg.lora_layers) or None,
     )
-    model = PooledClassifier(get_peft_model(model, lora))
+    with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing; nothing to act on here
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = PooledClassifier(get_peft_model(model, lora))
     if compile:
         compile_layers(model, dynamic=None)
     return model

@@ -215,7 +215,7 @@ def load_model(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_
     manifest = read_manifest(run_dir)
     verify_files(run_dir, {rel: manifest["files"][rel] for rel in REQUIRED})
     saved, _ = read_adapter(run_dir / "adapter")
-    model = load_base(cfg, pad_token_id, device, packed=packed)
+    model = load_base(cfg, pad_token_id, device, packed=packed, head_restored=True)
     head_to_fp32(model)
     peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)
     check_adapter_loaded(peft_model, saved, run_dir / "adapter")

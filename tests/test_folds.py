@@ -19,6 +19,7 @@ from data.folds import (
     read_folds,
     run,
 )
+from cli.output import OutputError
 from data.io import DataError, prompt_key, read_competition_csv
 
 from conftest import REPO, SAMPLE
@@ -143,7 +144,7 @@ def test_existing_folds_file_is_not_overwritten_without_overwrite(tmp_path):
     cfg = FoldsConfig(csv=str(SAMPLE / "train.csv"), out=str(out), seed=1)
     run(cfg)
     before = out.read_bytes()
-    with pytest.raises(DataError, match="already exists.*overwrite=true"):
+    with pytest.raises(OutputError, match="already exists.*overwrite=true"):
         run(FoldsConfig(csv=str(SAMPLE / "train.csv"), out=str(out), seed=2))
     assert out.read_bytes() == before
     run(FoldsConfig(csv=str(SAMPLE / "train.csv"), out=str(out), seed=2, overwrite=True))

@@ -204,12 +204,12 @@ def test_plan_throughput_table(llama_run, test_rows, tmp_path):
     path = tmp_path / "throughput.yaml"
     path.write_text(yaml.safe_dump({"t4x2": {"gemma2": 1170, "llama": None}, "a100": {"llama": 3000}}))
     run = read_run(llama_run)
-    with pytest.raises(ConfigError, match=r"hardware=t4x2, family=llama \(from the base model's config.json; not measured yet.*throughput=TOKENS_PER_S"):
+    with pytest.raises(ConfigError, match=r"hardware=t4x2, family=llama \(from config; not measured yet.*throughput=TOKENS_PER_S"):
         plan([run], test_rows, ThroughputTable(path, "t4x2"), budget_hours=9)
     with pytest.raises(ConfigError, match=r"hardware=h100, family=llama \(.*no such key"):
         ThroughputTable(path, "h100")(run)
     table = ThroughputTable(path, "a100", family="gemma2")  # config.json (llama) wins over the fallback
-    assert table(run) == 3000.0 and "llama (config.json)" in table.used["tiny-llama/fold0-seed42"]
+    assert table(run) == 3000.0 and "llama (config)" in table.used["tiny-llama/fold0-seed42"]
     moved = dataclasses.replace(run, model=dataclasses.replace(run.model, path=str(tmp_path / "elsewhere")))
     with pytest.raises(ConfigError, match="cannot tell the model family.*family=NAME"):
         ThroughputTable(path, "t4x2")(moved)

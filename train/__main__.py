@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from cli.config import cli_config, run_cli, split_argv
+from cli.output import check_output
 from data.io import LABEL_COLS, targets_by_id
 from infer.metrics import cv_table, log_loss
 from infer.predict import write_predictions
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         if yaml_path is None:
             raise SystemExit("config error: give a config file or name=")
         cfg = dataclasses.replace(cfg, name=yaml_path.stem)
+    # Run folders have their own contract (model.run); the folder must take files before any work.
+    check_output(Path(cfg.output_dir) / cfg.name, overwrite=True, folder=True)
     df, extra = load_rows(cfg)
     folds = sorted(int(f) for f in set(df["fold"]))
     if cfg.fold == "all":

@@ -45,6 +45,7 @@ import numpy as np
 import yaml
 
 from cli.config import ConfigError, UserError, cli_config, opt, run_cli
+from cli.output import check_output
 from data.formatter import FORMATTER_VERSION
 from infer.kaggle import DATASET_FORMAT, installed_version, parse_bases
 from model.factory import AdapterError, head_checksum, resolve_path
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     sources = {(n, r): check_source_run(m["dir"] / r) for n, m in members.items() if m["kind"] == "runs" for r in m["runs"]}
     out = Path(cfg.out).resolve()
     check_out(out, cfg.overwrite)
+    check_output(out, overwrite=True, folder=True)  # writable; check_out above decides what may be replaced
     # Built next to `out` and moved there only once verified, so a failed export never looks finished.
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
