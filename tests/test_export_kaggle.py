@@ -229,3 +229,33 @@ def test_recipe_export_and_entry(member, exported, tiny_llama, tmp_path):
     sub = pd.read_csv(sub_path)
     assert sub["id"].tolist() == pd.read_csv(SAMPLE / "sample_submission.csv")["id"].tolist()
     np.testing.assert_allclose(sub[list(LABEL_COLS)].sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, damage", [("test.csv", "empty"), ("test.csv", "header only"),
+                                          ("sample_submission.csv", "empty"), ("sample_submission.csv", "other ids")])
+def test_kaggle_entry_refuses_bad_competition_files(exported, tmp_path, monkeypatch, capsys, name, damage):
+    """The Kaggle entry reads its CSVs through the one reader: one line naming the file, before any scoring."""
+    import infer.predict
+    from infer.kaggle import main as kaggle_main
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored")
+
+    monkeypatch.setattr(infer.predict, "predict_frame", no_scoring)
+    competition = tmp_path / "competition"
+    competition.mkdir()
+    for file in ("test.csv", "sample_submission.csv"):
+        shutil.copy2(SAMPLE / file, competition / file)
+    bad = competition / name
+    lines = bad.read_text().splitlines(keepends=True)
+    if damage == "empty":
+        bad.write_text("")
+    elif damage == "header only":
+        bad.write_text(lines[0])
+    else:
+        bad.write_text(lines[0] + "999999999" + lines[1][lines[1].index(","):] + "".join(lines[2:]))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: kaggle_main([f"dataset={exported}", f"competition={competition}", f"out={tmp_path / 'sub.csv'}"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith(f"error: {bad}") and "Traceback" not in err
+    assert not (tmp_path / "sub.csv").exists()
