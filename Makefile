@@ -24,7 +24,7 @@ data/sample/folds.csv: | $(STAMP)
 demo: $(STAMP) data/sample/folds.csv
 	$(PY) -m train configs/smollm2-demo.yaml fold=0 overwrite=true
 	$(PY) -m infer predict runs=$(RUN) csv=data/sample/test.csv \
-		sample_submission=data/sample/sample_submission.csv out=runs/smollm2-demo/submission.csv
+		sample_submission=data/sample/sample_submission.csv out=runs/smollm2-demo/submission.csv overwrite=true
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q

@@ -17,7 +17,9 @@ the simplex to minimise OOF log loss; temperature=true then fits p ~ exp(log p /
 multinomial logistic regression on the members' log-probabilities plus length features. Each is
 also cross-validated over the folds file (fitted on the other folds, applied to fold k), so the
 report shows the honest `nested` log loss next to the in-sample one; out/oof.csv holds the nested
-OOF. Writes out/recipe.json (what the Kaggle entry applies), out/report.md, out/oof.csv and, with
+OOF. Tie-free labels (no winner_tie row): stack fits the present classes and gives the absent one
+infer.length.ABSENT_CLASS_PROB; the weighted methods keep whatever P(tie) the members give.
+Writes out/recipe.json (what the Kaggle entry applies), out/report.md, out/oof.csv and, with
 test=, out/submission.csv (test files in members order, rows from test_csv).
 """
 from __future__ import annotations
@@ -31,10 +33,11 @@ import pandas as pd
 from scipy.optimize import minimize, minimize_scalar
 
 from cli.config import ConfigError, cli_config, opt, run_cli
+from cli.output import check_output, output_folder
 from data.features import FEATURES, length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
-from infer.length import MODEL_FILE, fit_logistic, logistic_proba
+from infer.length import ABSENT_CLASS_PROB, MODEL_FILE, absent_class_note, absent_classes, fit_logistic, fitted_classes, logistic_proba
 from infer.metrics import PRED_COLS, check_probs, log_loss, softmax, some_ids
 from infer.predict import write_predictions
 
@@ -54,6 +57,7 @@ class EnsembleConfig:
     C: float = opt(1.0, "stack: inverse L2 regularisation strength of the stacker (larger = weaker)")
     seed: int = opt(42, "run-based members: use oof-seed<seed>.csv and the fold<k>-seed<seed> run folders")
     out: str = opt("runs/ensemble", "output folder: recipe.json, report.md, oof.csv (nested OOF), submission.csv")
+    overwrite: bool = opt(False, "replace `out` if it holds files")
     test: list[str] = opt([], "test prediction CSVs (id + 3 probs), one per member in members order")
     test_csv: str = opt("", "the competition test.csv the test predictions were made for (required with test=)")
     drop_bad_rows: bool = opt(False, "drop unparseable label rows (as the members' training did) instead of stopping")
@@ -233,10 +237,13 @@ def format_report(recipe: dict, cfg: EnsembleConfig, rows: int) -> str:
     lines.append(f"| class prior (of the other folds) | | {losses['prior']:.5f} | |")
     if recipe["stacker"]:
         st = recipe["stacker"]
+        fitted = [LABEL_COLS[c] for c in fitted_classes(st)]
         lines += ["", f"Stacker: multinomial logistic regression, C={cfg.C}, {len(st['features'])} standardised "
-                  "features; coefficients per class:", "", "| feature | " + " | ".join(LABEL_COLS) + " |",
-                  "|---|---|---|---|"]
+                  "features; coefficients per class:", "", "| feature | " + " | ".join(fitted) + " |",
+                  "|---" * (len(fitted) + 1) + "|"]
         lines += [f"| {f} | " + " | ".join(f"{row[i]:+.3f}" for row in st["coef"]) + " |" for i, f in enumerate(st["features"])]
+        if absent_classes(st):
+            lines += ["", f"Stacker: {absent_class_note(absent_classes(st), st.get('absent_class_prob', ABSENT_CLASS_PROB))}."]
     else:
         lines += ["", f"Temperature: {recipe['temperature']:.4f}" + ("" if cfg.temperature else " (not fitted)")]
     fitted = "stacker" if recipe["stacker"] else "weights" + (" + temperature" if cfg.temperature else "")
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"test= needs one file per member ({len(cfg.members)}, in members order) and test_csv=")
     if cfg.method not in METHODS or cfg.C <= 0:
         raise ConfigError(f"method must be one of {list(METHODS)} (got {cfg.method!r}) and C > 0 (got {cfg.C})")
+    check_output(cfg.out, cfg.overwrite, folder=True)  # before the work, not after it
     rows, report = read_competition_csv(cfg.labels, labels=True, drop_bad_rows=cfg.drop_bad_rows)
     print(report.summary())
     rows = attach_folds(rows, read_folds(cfg.folds), cfg.folds)
@@ -267,19 +275,19 @@ def main(argv: list[str] | None = None) -> None:
     recipe["members"] = list(entries)
     text = format_report(recipe, cfg, len(nested))
     print("\n" + text)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    write_predictions(nested, out / "oof.csv")
-    print(f"wrote {out / 'recipe.json'}, {out / 'report.md'}, {out / 'oof.csv'}")
+    sub = None
     if cfg.test:
         test_rows, test_report = read_competition_csv(cfg.test_csv, labels=False)
         print(test_report.summary())
         preds = {n: read_checked_csv(p, PRED_COLS) for n, p in zip(names, cfg.test)}
         sub = apply_recipe(recipe, preds, test_rows)
-        write_predictions(sub, out / "submission.csv")
-        print(f"wrote {len(sub)} rows to {out / 'submission.csv'}")
+    with output_folder(cfg.out, cfg.overwrite) as out:  # the folder appears whole, or not at all
+        (out / "report.md").write_text(text)
+        (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        write_predictions(nested, out / "oof.csv")
+        if sub is not None:
+            write_predictions(sub, out / "submission.csv")
+    print(f"wrote {cfg.out}: recipe.json, report.md, oof.csv" + (f", submission.csv ({len(sub)} rows)" if sub is not None else ""))
 
 
 if __name__ == "__main__":

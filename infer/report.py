@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 
 from cli.config import ConfigError, cli_config, opt
+from cli.output import check_output, output_folder
 from data.features import length_features
 from data.folds import read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
-from infer.metrics import check_probs, log_loss
+from infer.metrics import NO_TIES_NOTE, check_probs, has_ties, log_loss, two_class_metrics
 
 
 matplotlib.use("Agg")  # files only: training boxes and CI have no display; must precede pyplot
@@ -47,6 +48,7 @@ class ReportConfig:
     labels: str = opt("", "competition-format CSV with the winner columns (train.csv)")
     folds: str = opt("", "the id,fold file the runs were trained with (python -m data.folds)")
     out: str = opt("docs/report", "output folder for report.md and its PNGs")
+    overwrite: bool = opt(False, "replace `out` if it holds files")
     passes: list[str] = opt([], "per-pass files (oof_passes.csv) for the position-bias section; glob patterns allowed")
     title: str = opt("OOF report", "top heading of report.md")
     bins: int = opt(10, "equal-width probability bins of the reliability diagrams")
@@ -97,23 +99,40 @@ def join_oof(path: Path, labels_df: pd.DataFrame, folds_df: pd.DataFrame) -> Sco
 
 
 def fold_table(s: Scored) -> pd.DataFrame:
-    """fold, rows, model log loss, prior log loss; last row `all` (the prior row-weighted, as in train)."""
+    """fold, rows, model log loss, prior log loss; last row `all` (the prior row-weighted, as in train).
+    Tie-free truth adds accuracy and log_loss_2class (infer.metrics.two_class_metrics), as the CV table does."""
+    tie_free = not has_ties(s.targets)
     rows = []
     for k in np.unique(s.fold):
         m = s.fold == k
         rows.append({"fold": str(k), "rows": int(m.sum()), "log_loss": log_loss(s.targets[m], s.probs[m]),
-                     "prior": log_loss(s.targets[m], s.prior[m])})
+                     "prior": log_loss(s.targets[m], s.prior[m]),
+                     **(two_class_metrics(s.targets[m], s.probs[m]) if tie_free else {})})
     # Each fold has its own prior, so the overall prior is the row-weighted mean of the folds'.
     prior = sum(r["prior"] * r["rows"] for r in rows) / len(s.ids)
-    rows.append({"fold": "all", "rows": len(s.ids), "log_loss": log_loss(s.targets, s.probs), "prior": prior})
+    rows.append({"fold": "all", "rows": len(s.ids), "log_loss": log_loss(s.targets, s.probs), "prior": prior,
+                 **(two_class_metrics(s.targets, s.probs) if tie_free else {})})
     return pd.DataFrame(rows)
 
 
+def absent_classes(targets: np.ndarray) -> list[int]:
+    """Classes (indices into CLASSES) that no row of the truth puts weight on, e.g. tie in reward-model data."""
+    return [c for c in range(len(CLASSES)) if not (targets[:, c] > 0).any()]
+
+
+def no_rows_note(c: int) -> str:
+    return f"no rows of class {CLASSES[c]}"
+
+
 def reliability(probs: np.ndarray, targets: np.ndarray, bins: int) -> pd.DataFrame:
-    """Per class and non-empty bin: count, mean predicted probability, observed frequency."""
+    """Per class and non-empty bin: count, mean predicted probability, observed frequency. Classes the
+    truth never holds are left out: their observed frequency is 0 in every bin, which says nothing."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows = []
+    absent = absent_classes(targets)
     for c, name in enumerate(CLASSES):
+        if c in absent:
+            continue
         which = np.clip(np.digitize(probs[:, c], edges[1:-1]), 0, bins - 1)
         for b in np.unique(which):
             m = which == b
@@ -123,9 +142,10 @@ def reliability(probs: np.ndarray, targets: np.ndarray, bins: int) -> pd.DataFra
 
 
 def calibration_error(table: pd.DataFrame) -> dict[str, float]:
-    """Expected calibration error per class: count-weighted |mean predicted - observed|."""
+    """Expected calibration error per class in the table: count-weighted |mean predicted - observed|."""
     gap = (table["mean_pred"] - table["observed"]).abs() * table["count"]
-    return {c: float(gap[table["class"] == c].sum() / table.loc[table["class"] == c, "count"].sum()) for c in CLASSES}
+    return {c: float(gap[table["class"] == c].sum() / table.loc[table["class"] == c, "count"].sum())
+            for c in CLASSES if (table["class"] == c).any()}
 
 
 def confusion(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -197,8 +217,12 @@ def save(fig, path: Path) -> str:
 
 def plot_reliability(table: pd.DataFrame, path: Path) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, name in zip(axes, CLASSES):
+    for c, (ax, name) in enumerate(zip(axes, CLASSES)):
         part = table[table["class"] == name]
+        if part.empty:  # a class the truth never holds (reliability leaves it out)
+            ax.text(0.5, 0.5, no_rows_note(c), ha="center", va="center", fontsize=9)
+            ax.set(xticks=[], yticks=[], title=f"P({name})")
+            continue
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
         ax.plot(part["mean_pred"], part["observed"], marker="o")
         for x, y, n in zip(part["mean_pred"], part["observed"], part["count"]):
@@ -207,14 +231,17 @@ def plot_reliability(table: pd.DataFrame, path: Path) -> str:
     return save(fig, path)
 
 
-def plot_confusion(cm: np.ndarray, path: Path) -> str:
+def plot_confusion(cm: np.ndarray, path: Path, true_classes: list[int] | None = None) -> str:
+    """Counts and row shares; rows: `true_classes` (default all), so a class with no true row can be left out."""
+    rows = list(range(len(CLASSES))) if true_classes is None else true_classes
+    cm = cm[rows]
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     for ax, values, title, fmt in ((axes[0], cm, "counts", "{:d}"), (axes[1], norm, "row-normalised", "{:.2f}")):
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(values):
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=9)
-        ax.set(xticks=range(3), yticks=range(3), xticklabels=CLASSES, yticklabels=CLASSES,
+        ax.set(xticks=range(3), yticks=range(len(rows)), xticklabels=CLASSES, yticklabels=[CLASSES[c] for c in rows],
                xlabel="predicted (argmax)", ylabel="true", title=title)
     return save(fig, path)
 
@@ -242,20 +269,28 @@ def plot_bias(diff: np.ndarray, path: Path) -> str:
 def model_section(s: Scored, index: int, lengths: dict[str, pd.Series], out_dir: Path, bins: int, buckets: int) -> list[str]:
     rel = reliability(s.probs, s.targets, bins)
     ece = calibration_error(rel)
+    absent = absent_classes(s.targets)
+    present = [c for c in range(len(CLASSES)) if c not in absent]
     cm = confusion(s.probs, s.targets)
     shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    counts = pd.DataFrame([[name] + [f"{n} ({f:.0%})" for n, f in zip(cm[i], shares[i])] for i, name in enumerate(CLASSES)],
+    counts = pd.DataFrame([[CLASSES[i]] + [f"{n} ({f:.0%})" for n, f in zip(cm[i], shares[i])] for i in present],
                           columns=["true", *(f"pred {c}" for c in CLASSES)])
+    # What the model still spends on a class the truth never holds (a tie-free set's P(tie)).
+    absent_lines = []
+    for c in absent:
+        absent_lines += [f"No rows of class {CLASSES[c]} in the truth: its reliability diagram, calibration error and "
+                         f"confusion row are left out (mean predicted P({CLASSES[c]}) {s.probs[:, c].mean():.4f}).", ""]
+    tie_note = [f"Note: {NO_TIES_NOTE}.", ""] if not has_ties(s.targets) else []
     by_length = {what: length_table(s, values, buckets) for what, values in lengths.items()}
     stem = f"m{index}"
     out = [f"## {s.name}", "", "### Log loss by fold", "",
-           "Prior: the class mean of the labelled rows in the other folds (what training saw).", "",
+           "Prior: the class mean of the labelled rows in the other folds (what training saw).", "", *tie_note,
            md_table(fold_table(s)), "", "### Calibration", "",
            f"![reliability]({plot_reliability(rel, out_dir / f'{stem}-calibration.png')})", "",
            "Points: bins of width 1/{} with their row counts. Expected calibration error: ".format(bins)
-           + ", ".join(f"{c} {v:.4f}" for c, v in ece.items()) + ".", "",
+           + ", ".join(f"{c} {v:.4f}" for c, v in ece.items()) + ".", "", *absent_lines,
            "### Confusion matrix", "", md_table(counts), "",
-           f"![confusion]({plot_confusion(cm, out_dir / f'{stem}-confusion.png')})", "",
+           f"![confusion]({plot_confusion(cm, out_dir / f'{stem}-confusion.png', present)})", "",
            "### Log loss by length", ""]
     for what, table in by_length.items():
         out += [f"By {what} (characters, quantile buckets):", "", md_table(table), ""]
@@ -304,6 +339,8 @@ def write_report(oof_files, labels_df: pd.DataFrame, folds_df: pd.DataFrame, out
                "prompt length": np.rint(np.expm1(feats["log_len_prompt"]))}
     summary = pd.DataFrame([{"model": s.name, "file": f"`{p}`", **fold_table(s).iloc[-1].drop("fold").to_dict()}
                             for s, p in zip(scored, oof_files)])
+    if summary.isna().any().any():  # tie-free and tied files side by side: only the tie-free have 2-class columns
+        summary = summary.astype(object).where(summary.notna(), "-")
     lines = [f"# {title}", "", "Overall OOF log loss (lower is better) next to the class prior of the training folds.",
              "", md_table(summary), ""]
     for i, s in enumerate(scored):
@@ -320,9 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("oof=, labels= and folds= are required (see python -m infer report --help)")
     if cfg.bins < 2 or cfg.length_buckets < 1:
         raise ConfigError(f"bins must be >= 2 and length_buckets >= 1, got {cfg.bins}, {cfg.length_buckets}")
+    check_output(cfg.out, cfg.overwrite, folder=True)  # before the work, not after it
     oof_files, passes_files = expand(cfg.oof, "oof"), expand(cfg.passes, "passes")
     folds_df = read_folds(cfg.folds)  # cheap checks first: the labels file is the slow read
     labels_df, parse_report = read_competition_csv(cfg.labels, labels=True)
     print(parse_report.summary())
-    path = write_report(oof_files, labels_df, folds_df, Path(cfg.out), passes_files, cfg.title, cfg.bins, cfg.length_buckets)
-    print(f"wrote {path}")
+    with output_folder(cfg.out, cfg.overwrite) as out:  # the report appears whole, or not at all
+        write_report(oof_files, labels_df, folds_df, out, passes_files, cfg.title, cfg.bins, cfg.length_buckets)
+    print(f"wrote {Path(cfg.out) / 'report.md'}")

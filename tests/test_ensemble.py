@@ -241,6 +241,8 @@ def test_cli(tmp_path):
     bad = pd.read_csv(tmp_path / "runs/bad/oof-seed42.csv")
     bad.iloc[1:].to_csv(tmp_path / "runs/bad/oof-seed42.csv", index=False)
     done = subprocess.run(cmd + args, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 1 and "ens: exists; pass overwrite=true" in done.stderr  # a finished ensemble is kept
+    done = subprocess.run(cmd + args + ["overwrite=true"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "id set differs" in done.stderr and str(bad["id"].iloc[0]) in done.stderr
 

@@ -85,6 +85,7 @@ def test_submission_follows_sample_order_and_sums_to_one(llama_run, tmp_path):
 
     sample.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
     cmd[-3] = f"sample_submission={tmp_path / 'short.csv'}"
+    cmd[-2] = f"out={tmp_path / 'short-submission.csv'}"
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert result.returncode != 0 and str(sample["id"].iloc[0]) in result.stderr
 
