@@ -224,3 +224,22 @@ def test_plan_cli(llama_run):
     bad = subprocess.run([*cmd, "hardware=nowhere"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error:") and "hardware=nowhere, family=llama" in bad.stderr
+
+
+@pytest.mark.parametrize("config, hardware", [("gemma2-9b-qlora.yaml", "t4x2"), ("llama3-8b-qlora.yaml", "t4x2"),
+                                              ("smollm2-demo.yaml", "cpu-2core"), ("smollm2-mtbench.yaml", "cpu-2core")])
+def test_shipped_configs_have_a_throughput_figure(config, hardware, tmp_path):
+    """`infer plan` as the README writes it finds a rate for every shipped config's base model, found by family
+    and size: the 9B/8B architectures from their real configs, SmolLM2 from the GGUF the package ships."""
+    from cli.config import build_config
+    from model.run import Run
+    from train.config import TrainConfig
+
+    cfg = build_config(TrainConfig, REPO / "configs" / config)
+    if not cfg.model.path.startswith("pypkg:"):  # a real 9B base is not here: its architecture's config is enough
+        from bench.common import arch_config
+
+        arch_config("gemma2" if "gemma2" in config else "llama").save_pretrained(tmp_path)
+        cfg.model.path = str(tmp_path)
+    run = Run(tmp_path / "run", cfg.model, cfg.format, cfg.infer, {})
+    assert ThroughputTable(DEFAULT_TABLE, hardware)(run) > 0
