@@ -172,8 +172,8 @@ def run(cfg: FoldsConfig) -> pd.DataFrame:
     return folds
 
 
-def main() -> None:
-    run(cli_config(FoldsConfig, __doc__))
+def main(argv: list[str] | None = None) -> None:
+    run(cli_config(FoldsConfig, __doc__, argv))
 
 
 if __name__ == "__main__":

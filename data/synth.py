@@ -219,8 +219,8 @@ def write_sample(cfg: SynthConfig) -> dict[str, Path]:
     return paths
 
 
-def main() -> None:
-    cfg = cli_config(SynthConfig, __doc__)
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(SynthConfig, __doc__, argv)
     paths = write_sample(cfg)
     for path in paths.values():
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

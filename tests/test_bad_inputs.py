@@ -14,7 +14,6 @@ import gzip
 import os
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -119,18 +118,9 @@ class Inputs:
 
 # ---------------------------------------------------------------- the entry points
 
-def folds_cli(argv: list[str]) -> None:
-    """`python -m data.folds` (its main() reads sys.argv)."""
-    saved = sys.argv
-    sys.argv = ["data.folds", *argv]
-    try:
-        folds_main()
-    finally:
-        sys.argv = saved
-
 
 def folds_entry(files: Inputs, tmp: Path, request) -> Callable[[], None]:
-    return lambda: folds_cli([f"csv={files.train}", f"out={tmp / 'out-folds.csv'}"])
+    return lambda: folds_main([f"csv={files.train}", f"out={tmp / 'out-folds.csv'}"])
 
 
 def length_entry(files: Inputs, tmp: Path, request) -> Callable[[], None]:

@@ -9,7 +9,6 @@ when the block that fills it fails.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -47,15 +46,6 @@ def cli(main, argv: list[str], capsys) -> tuple[int, str]:
     assert "Traceback" not in captured.out + captured.err
     return exit_info.value.code, captured.err
 
-
-def folds_cli(argv: list[str]) -> None:
-    """`python -m data.folds` (its main() reads sys.argv)."""
-    saved = sys.argv
-    sys.argv = ["data.folds", *argv]
-    try:
-        folds_main()
-    finally:
-        sys.argv = saved
 
 
 # ---------------------------------------------------------------- unwritable outputs, before any work
@@ -113,11 +103,11 @@ def test_predict_refuses_an_existing_output_and_replaces_it_with_overwrite(tmp_p
 def test_folds_refuse_an_existing_output_and_replace_it_with_overwrite(tmp_path, capsys):
     out = tmp_path / "folds.csv"
     out.write_text("id,fold\n1,0\n")
-    code, err = cli(folds_cli, [f"csv={SAMPLE / 'train.csv'}", f"out={out}"], capsys)
+    code, err = cli(folds_main, [f"csv={SAMPLE / 'train.csv'}", f"out={out}"], capsys)
     assert code == 1 and str(out) in err and "overwrite=true" in err, err
     assert out.read_text() == "id,fold\n1,0\n"
 
-    run_cli(lambda: folds_cli([f"csv={SAMPLE / 'train.csv'}", f"out={out}", "overwrite=true"]))
+    run_cli(lambda: folds_main([f"csv={SAMPLE / 'train.csv'}", f"out={out}", "overwrite=true"]))
     assert len(pd.read_csv(out)) == len(pd.read_csv(SAMPLE / "train.csv"))
 
 
