@@ -80,6 +80,15 @@ def dropped_log(logger: str, containing: str) -> Iterator[None]:
         log.removeFilter(keep)
 
 
+@contextlib.contextmanager
+def peft_reads_deprecated_flag() -> Iterator[None]:
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a
+    FutureWarning about peft's code, with nothing to act on here; dropped for that call only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False,
               head_restored: bool = False):
     """The base with a fresh head; packed=True selects the padding-free attention (model.packing).
@@ -250,8 +259,7 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
         target_modules=list(cfg.lora_targets),
         layers_to_transform=list(cfg.lora_layers) or None,
     )
-    with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing; nothing to act on here
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_reads_deprecated_flag():
         model = PooledClassifier(get_peft_model(model, lora))
     if compile:
         compile_layers(model, dynamic=None)

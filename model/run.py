@@ -24,7 +24,7 @@ import yaml
 from cli.config import ConfigError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from model.factory import (AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum, head_to_fp32,
-                           load_base, read_adapter)
+                           load_base, peft_reads_deprecated_flag, read_adapter)
 from model.settings import InferSettings, ModelConfig, inference_model
 
 MANIFEST = "manifest.json"
@@ -217,7 +217,8 @@ def load_model(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_
     saved, _ = read_adapter(run_dir / "adapter")
     model = load_base(cfg, pad_token_id, device, packed=packed, head_restored=True)
     head_to_fp32(model)
-    peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)
+    with peft_reads_deprecated_flag():
+        peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)
     check_adapter_loaded(peft_model, saved, run_dir / "adapter")
     print(f"{run_dir}: adapter and head loaded and verified (head sha256 {manifest['head']['sha256'][:12]})")
     return PooledClassifier(peft_model).eval()

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,19 @@ def test_excluded_prompts_are_never_trained_on(tiny_llama, sample_folds, sample_
     training = sample_rows[(sample_rows["id"].map(folds) != 3) & ~sample_rows["prompt"].map(prompt_key).isin(held)]
     assert json.loads((run / "manifest.json").read_text())["rows"]["train"] == len(training) < (folds != 3).sum()
     assert set(pd.read_csv(run / "oof.csv")["id"]) == set(folds.index[folds == 3])  # held-out rows are all scored
+
+
+def test_inference_load_prints_no_false_head_report(llama_run, capfd, caplog):
+    """transformers' load report ("score.weight MISSING ... newly initialized") is false at inference, where the
+    head is restored from the adapter right after: it is dropped there only, and so is bitsandbytes' kernels note
+    and the deprecation warning peft triggers."""
+    run = load_run(llama_run)
+    capfd.readouterr()  # whatever setting up the run printed
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(llama_run, run.model, pick_device("cpu"), run.formatter().pad_id)
+    out = "".join(capfd.readouterr()) + caplog.text
+    assert "adapter and head loaded and verified" in out
+    assert "LOAD REPORT" not in out and "newly initialized" not in out and "pip install kernels" not in out
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
