@@ -122,7 +122,7 @@ def test_export_refuses_missing_or_changed_head(llama_run, tmp_path, damage):
 
 
 def test_upload_without_credentials_says_what_is_missing(member, tmp_path, monkeypatch, capsys):
-    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
@@ -132,6 +132,7 @@ def test_upload_without_credentials_says_what_is_missing(member, tmp_path, monke
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "KAGGLE_USERNAME and KAGGLE_KEY not set" in err and str(tmp_path / "kaggle-config" / "kaggle.json") in err
+    assert "KAGGLE_API_TOKEN" in err and "access_token" in err  # all three ways are named
     if importlib.util.find_spec("kaggle") is None:
         assert "pip install kaggle" in err
     assert not (tmp_path / "out").exists()  # checked before any export work
@@ -259,3 +260,27 @@ def test_kaggle_entry_refuses_bad_competition_files(exported, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith(f"error: {bad}") and "Traceback" not in err
     assert not (tmp_path / "sub.csv").exists()
+
+
+@pytest.mark.parametrize("way", ["api token", "token file", "username and key", "kaggle.json"])
+def test_kaggle_credentials_each_way(tmp_path, monkeypatch, way):
+    """Each way the current kaggle releases authenticate is accepted; nothing is imported or sent."""
+    from train.kaggle_upload import credentials_problem
+
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    assert credentials_problem() is not None
+    if way == "api token":
+        monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_0123456789abcdef")
+    elif way == "token file":
+        (tmp_path / "home/.kaggle").mkdir(parents=True)
+        (tmp_path / "home/.kaggle/access_token").write_text("KGAT_0123456789abcdef\n")
+    elif way == "username and key":
+        monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+        monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef")
+    else:
+        (tmp_path / "kaggle-config").mkdir()
+        (tmp_path / "kaggle-config/kaggle.json").write_text(json.dumps({"username": "someone", "key": "0123"}))
+    assert credentials_problem() is None

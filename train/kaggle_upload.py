@@ -19,7 +19,19 @@ class UploadError(UserError, RuntimeError):
 
 
 def credentials_problem() -> str | None:
-    """What is missing for the Kaggle API to authenticate (None: nothing), without importing kaggle."""
+    """What is missing for the Kaggle API to authenticate (None: nothing), without importing kaggle.
+
+    Accepted, as current kaggle releases read them: an API token in KAGGLE_API_TOKEN (or the file it
+    names) or in ~/.kaggle/access_token; the older KAGGLE_USERNAME + KAGGLE_KEY; the older kaggle.json.
+    """
+    token = os.environ.get("KAGGLE_API_TOKEN", "").strip()
+    if token:
+        if token.startswith(("/", "~")) and not Path(token).expanduser().is_file():
+            return f"KAGGLE_API_TOKEN names the file {token}, which does not exist"
+        return None
+    if any(Path(f).expanduser().is_file() and Path(f).expanduser().read_text().strip()
+           for f in ("~/.kaggle/access_token", "~/.kaggle/access_token.txt")):
+        return None
     env = {k: bool(os.environ.get(k)) for k in ("KAGGLE_USERNAME", "KAGGLE_KEY")}
     if all(env.values()):
         return None
@@ -34,9 +46,10 @@ def credentials_problem() -> str | None:
                 pass
             return f"{file} exists but is not JSON with \"username\" and \"key\""
     unset = [k for k, ok in env.items() if not ok]
-    return (f"no Kaggle credentials: {' and '.join(unset)} not set, and no {' or '.join(map(str, files))}. "
-            "Create an API token at https://www.kaggle.com/settings (API > Create New Token), then either save the "
-            f"downloaded kaggle.json as {files[0]} (chmod 600) or export KAGGLE_USERNAME=<user> KAGGLE_KEY=<key>")
+    return ("no Kaggle credentials. Create an API token at https://www.kaggle.com/settings (API), then give it in "
+            "one of three ways: (1) export KAGGLE_API_TOKEN=<token> (or save it as ~/.kaggle/access_token); "
+            f"(2) export KAGGLE_USERNAME=<user> KAGGLE_KEY=<key> ({' and '.join(unset)} not set); (3) the older "
+            f"kaggle.json saved as {' or '.join(map(str, files))} (chmod 600)")
 
 
 def upload_problems() -> list[str]:
