@@ -19,16 +19,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from cli.config import ConfigError, UserError
+from cli.config import ConfigError
 from model import packing
+from model.files import AdapterError
+from model.gguf import dequantised
 from model.settings import DTYPES, ModelConfig
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
 
 
-class AdapterError(UserError, RuntimeError):
-    """A run folder whose adapter or head cannot be trusted for inference."""
 
 
 def resolve_path(path: str) -> Path:
@@ -55,8 +55,13 @@ def check_base(cfg: ModelConfig) -> None:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    return AutoTokenizer.from_pretrained(resolve_path(cfg.path), local_files_only=True, **kwargs)
+    return AutoTokenizer.from_pretrained(base_folder(cfg), local_files_only=True)
+
+
+def base_folder(cfg: ModelConfig) -> Path:
+    """The folder transformers loads the base from: model.path, or for a GGUF base its dequantised copy (model.gguf)."""
+    folder = resolve_path(cfg.path)
+    return dequantised(folder, cfg.gguf_file) if cfg.gguf_file else folder
 
 
 def pick_device(device: str) -> torch.device:
@@ -98,8 +103,7 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
-    path = resolve_path(cfg.path)
-    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    path = base_folder(cfg)
     dtype = DTYPES[cfg.compute_dtype]
     kwargs: dict = {"dtype": dtype}
     if cfg.quantization != "none":
@@ -122,11 +126,11 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
     if packed:
         attn = packing.register()
     elif attn == "auto":
-        model_type = AutoConfig.from_pretrained(path, local_files_only=True, **gguf).model_type
+        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
         attn = "eager" if model_type == "gemma2" else "sdpa"
     with dropped_log("transformers.modeling_utils", "LOAD REPORT") if head_restored else contextlib.nullcontext():
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **gguf, **kwargs
+            path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **kwargs
         )
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False

@@ -13,7 +13,6 @@ result, so a finished run is only ever reused for the same settings (`settings_d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,45 +22,15 @@ import yaml
 
 from cli.config import ConfigError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
+from model.files import MANIFEST, file_table, verify_files
 from model.factory import (AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum, head_to_fp32,
                            load_base, peft_reads_deprecated_flag, read_adapter)
 from model.settings import InferSettings, ModelConfig, inference_model
 
-MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 # Files inference cannot do without; the manifest must list them (with every other file).
 REQUIRED = (ADAPTER_FILE, "adapter/adapter_config.json", "config.yaml")
 STAGES = ("trained", "complete")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_table(root: Path) -> dict[str, dict]:
-    """relative path -> {sha256, size} for every file under `root` but the manifest itself."""
-    return {
-        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
-    }
-
-
-def verify_files(root: Path, files: dict[str, dict], error=AdapterError) -> int:
-    """Every listed file exists with its size and sha256 (the first mismatch named); returns the count."""
-    for rel, want in files.items():
-        path = root / rel
-        if not path.is_file():
-            raise error(f"{path}: missing (listed in {root / MANIFEST})")
-        if path.stat().st_size != want["size"]:
-            raise error(f"{path}: {path.stat().st_size} bytes, {want['size']} in {root / MANIFEST} (truncated or replaced)")
-        if sha256_file(path) != want["sha256"]:
-            raise error(f"{path}: sha256 differs from {root / MANIFEST} (changed or corrupted since it was written)")
-    return len(files)
 
 
 def read_manifest(folder: Path, error=AdapterError) -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cli.config import ConfigError, to_dict
 from model.factory import AdapterError
-from model.run import ADAPTER_FILE, partial_dir, settings_diff, sha256_file, verify_run
+from model.files import sha256_file
+from model.run import ADAPTER_FILE, partial_dir, settings_diff, verify_run
 from train.config import TrainConfig
 
 

@@ -1,0 +1,43 @@
+"""File integrity for everything the model layer writes and reads: sha256 of files and the manifest's file list."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cli.config import UserError
+
+MANIFEST = "manifest.json"
+
+
+class AdapterError(UserError, RuntimeError):
+    """A run folder (or another file the model layer wrote) whose content cannot be trusted."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """relative path -> {sha256, size} for every file under `root` but the manifest itself."""
+    return {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    }
+
+
+def verify_files(root: Path, files: dict[str, dict], error=AdapterError) -> int:
+    """Every listed file exists with its size and sha256 (the first mismatch named); returns the count."""
+    for rel, want in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise error(f"{path}: missing (listed in {root / MANIFEST})")
+        if path.stat().st_size != want["size"]:
+            raise error(f"{path}: {path.stat().st_size} bytes, {want['size']} in {root / MANIFEST} (truncated or replaced)")
+        if sha256_file(path) != want["sha256"]:
+            raise error(f"{path}: sha256 differs from {root / MANIFEST} (changed or corrupted since it was written)")
+    return len(files)
