@@ -11,7 +11,7 @@ speed: Gemma-2-9B / Llama-3-8B built from their real configs with random weights
 random token ids with arena-like lengths (log-normal, median 500, mean 675, cut at max_length).
 Baseline = the seed notebook: NF4 base + unmerged LoRA r16 on q/k/v, eager attention, fp16
 autocast, rows sorted by length in fixed batches of 4 padded to the longest. The repo rows run
-PooledClassifier / prepare / score_batches from infer.scoring, as `infer predict` does, in bf16
+PooledClassifier (model.factory) / prepare / score_batches (infer.scoring), as `infer predict` does, in bf16
 and (GPUs with fp8 tensor cores) with infer.fp8. Tokens/s counts real tokens after the first
 batch (compilation and warm-up); TFLOP/s = 2 x non-embedding parameters x tokens/s, next to the
 bf16 matmul rate measured in the same run.
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("the benchmark needs a CUDA GPU")
     unknown = set(cfg.tasks) - {"speed", "exact", "scaling", "attn"}
     if unknown:
-        raise ConfigError(f"tasks: unknown {sorted(unknown)} (speed | exact | scaling)")
+        raise ConfigError(f"tasks: unknown {sorted(unknown)} (speed | exact | scaling | attn)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"

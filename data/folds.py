@@ -2,7 +2,7 @@
 
 Usage:
   python -m data.folds csv=data/sample/train.csv out=data/sample/folds.csv
-  python -m data.folds csv=../shared/data/mtbench_human.csv out=runs/mtbench_folds.csv group_col=question_id
+  python -m data.folds csv=../shared/data/mtbench_human.csv out=runs/mtbench-folds.csv group_col=question_id
 
 Folds are StratifiedGroupKFold on the label: rows with the same normalised prompt (case and
 spacing ignored, see data.io.prompt_key) or, with group_col set, the same value of that column

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cli.config import cli_config, opt, run_cli
+from cli.output import check_output, write_file
 from data.io import LABEL_COLS, read_competition_csv
 
 GOOD = ["excellent", "correct", "clear", "helpful", "precise", "accurate", "thorough", "concise", "insightful",
@@ -50,6 +51,7 @@ EMOJI = "\U0001F600"
 @dataclasses.dataclass
 class SynthConfig:
     out: str = opt("data/sample", "output folder for train.csv, test.csv and sample_submission.csv")
+    overwrite: bool = opt(False, "replace those three files where they exist (the committed sample: only to regenerate it)")
     n_train: int = opt(300, "rows in train.csv")
     n_test: int = opt(60, "rows in test.csv")
     seed: int = opt(0, "seed of numpy's default_rng; the same seed gives byte-identical files")
@@ -211,11 +213,11 @@ def build(cfg: SynthConfig) -> dict[str, pd.DataFrame]:
 def write_sample(cfg: SynthConfig) -> dict[str, Path]:
     """Write the three CSVs into cfg.out; returns their paths by name."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, df in build(cfg).items():
-        paths[name] = out / f"{name}.csv"
-        df.to_csv(paths[name], index=False, lineterminator="\n", encoding="utf-8")
+    frames = build(cfg)
+    paths = {name: check_output(out / f"{name}.csv", cfg.overwrite) for name in frames}  # all three before any
+    for name, df in frames.items():
+        write_file(paths[name], lambda tmp, df=df: df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8"),
+                   cfg.overwrite)
     return paths
 
 

@@ -43,7 +43,7 @@ class KaggleConfig:
     verify: bool = opt(True, "check every dataset file's sha256 against manifest.json before predicting")
     infer: InferSettings = dataclasses.field(default_factory=InferSettings, metadata={
         "help": "inference settings for every run member; only the keys given override each run's saved ones "
-                "(the exported notebook passes Kaggle's T4 settings: workers=2, quantization=8bit, compute_dtype=float16)"})
+                "(the exported notebook passes Kaggle's T4 settings: infer.workers=2, infer.quantization=8bit, infer.compute_dtype=float16)"})
 
 
 class DatasetError(UserError, RuntimeError):

@@ -45,7 +45,7 @@ CHUNK = 1000  # rows formatted at a time: only lengths are kept, never a whole t
 class PlanConfig:
     runs: list[str] = opt([], "run folders, as for infer predict (members are scored one after another)")
     csv: str = opt("", "competition-format CSV that will be scored (test.csv)")
-    hardware: str = opt("t4x2", "throughput-table key for the whole machine (t4x2: Kaggle's 2xT4, workers=2)")
+    hardware: str = opt("t4x2", "throughput-table key for the whole machine (t4x2: Kaggle's 2xT4, infer.workers=2)")
     throughput: float = opt(0.0, "tokens per second for every member; 0: look it up in the throughput table")
     throughput_file: str = opt("", "YAML table {hardware: {family: tokens_per_s}}; empty: infer/throughput.yaml")
     family: str = opt("", "model family for the table when a base model's config.json cannot be read (gemma2, llama)")

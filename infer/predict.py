@@ -80,7 +80,7 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     if bad.any():
         raise ScoringError(
             f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad]))[:10]}; "
-            f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try bfloat16 or float32"
+            f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try infer.compute_dtype=bfloat16 or float32"
         )
     probs = softmax(logits.astype(np.float64))
     swapped = np.asarray(swaps)

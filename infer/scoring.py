@@ -57,7 +57,7 @@ def split_batches(batches: list[list[int]], costs: list[int], n_workers: int) ->
 
 def prepare(model: PooledClassifier, infer: InferSettings, layout: str) -> list[str]:
     """Inference-only speed-ups on a loaded model; returns what was done, for the log."""
-    done = [merge_lora(model)] if infer.merge_lora else ["LoRA kept unmerged (merge_lora=false)"]
+    done = [merge_lora(model)] if infer.merge_lora else ["LoRA kept unmerged (infer.merge_lora=false)"]
     if infer.fp8:
         done.append(to_fp8(model))
     if infer.compile and layout == "packed":

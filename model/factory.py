@@ -106,11 +106,6 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
     path = base_folder(cfg)
     dtype = DTYPES[cfg.compute_dtype]
     kwargs: dict = {"dtype": dtype}
-    if cfg.quantization != "none":
-        # bitsandbytes' CPU backend asks on import for the `kernels` package, which fetches kernels from
-        # the hub at run time (never done here); it runs correctly without it.
-        with dropped_log("bitsandbytes.backends.cpu.ops", "pip install kernels"):
-            importlib.import_module("bitsandbytes")
     if cfg.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -292,7 +287,9 @@ def check_adapter_loaded(peft_model, saved: dict, source: Path) -> None:
     """Every saved adapter tensor (LoRA + head) is in the model with exactly the saved value."""
     from peft import get_peft_model_state_dict
 
-    loaded = get_peft_model_state_dict(peft_model)
+    # No embedding is ever adapted here; "auto" would look for the base's config.json at the path recorded
+    # at training time (another machine's, on Kaggle) and warn that it cannot.
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     if set(saved) != set(loaded):
         raise AdapterError(
             f"{source}: adapter keys do not match the model: missing {sorted(set(saved) - set(loaded))[:5]}, "

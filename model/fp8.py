@@ -63,7 +63,7 @@ def check_fp8_device(device: torch.device, dtype: torch.dtype) -> str:
                           f"RTX 40xx); {device} is {name} ({capability[0]}.{capability[1]}). Set infer.fp8=false.")
     if dtype != torch.bfloat16:
         raise ConfigError(f"infer.fp8=true writes bf16 matmul outputs on CUDA; the model computes in {dtype}: "
-                          "set model.compute_dtype (infer predict: compute_dtype) to bfloat16")
+                          "set model.compute_dtype (infer predict: infer.compute_dtype) to bfloat16")
     try:  # row-wise scaling reached Ada (8.9) GPUs in a later torch than Hopper: ask the kernel, not a table
         probe = Fp8Linear(nn.Linear(16, 16, bias=False, device=device, dtype=dtype))
         probe(torch.ones(16, 16, device=device, dtype=dtype))
@@ -80,11 +80,11 @@ def to_fp8(model) -> str:
     base = model.base
     if isinstance(model.model, PeftModel):
         raise ConfigError("infer.fp8=true needs LoRA merged into the base first: infer.merge_lora=true on an "
-                          "unquantised base (model.quantization=none; infer predict: merge_lora=true "
-                          "quantization=none)")
+                          "unquantised base (model.quantization=none; infer predict: infer.merge_lora=true "
+                          "infer.quantization=none)")
     if is_quantised(base):
         raise ConfigError("infer.fp8=true needs an unquantised base, not 4/8-bit weights "
-                          "(model.quantization=none; infer predict: quantization=none)")
+                          "(model.quantization=none; infer predict: infer.quantization=none)")
     backbone = getattr(base, base.base_model_prefix)
     embedding = backbone.get_input_embeddings().weight
     note = check_fp8_device(embedding.device, embedding.dtype)

@@ -35,7 +35,7 @@ class TrainSettings:
     layout: str = opt("padded", "padded: a micro-batch's rows padded to its longest | packed: its rows end to end with "
                       "no padding (flex attention, each row attends only to itself); same rows, same loss")
     compile: bool = opt(False, "torch.compile each decoder layer (the first steps compile for minutes; pays with "
-                               "layout=packed on a GPU, where Python overhead between small kernels dominates)")
+                               "train.layout=packed on a GPU, where Python overhead between small kernels dominates)")
     init_from: str = opt("", "run folder (or its adapter/) whose LoRA + head start this training, e.g. a "
                          "pre-stage on extra data; same base model and LoRA shape required")
     swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")

@@ -1,7 +1,7 @@
 """Build this repo's pure-Python wheel in-process, for offline `pip install --no-index --no-deps`.
 
 Usage:
-    python -m train.wheel OUT_DIR      # writes OUT_DIR/arena_pref-<version>-py3-none-any.whl
+    python -m train.wheel out=OUT_DIR      # writes OUT_DIR/arena_pref-<version>-py3-none-any.whl
 
 A wheel is a zip of the packages plus `<dist>-<version>.dist-info/{METADATA,WHEEL,RECORD}`,
 RECORD listing every file with its urlsafe-base64 sha256 and size. It is written with zipfile and
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import fnmatch
 import hashlib
 import io
-import sys
 import zipfile
 from pathlib import Path
 
-from cli.config import UserError
+from cli.config import ConfigError, UserError, cli_config, opt, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_SUFFIXES = (".yaml", ".yml", ".json")
@@ -125,19 +125,18 @@ def check_wheel(path: Path) -> int:
     return len(names)
 
 
+@dataclasses.dataclass
+class WheelConfig:
+    out: str = opt("", "folder to write the wheel into (created if missing)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
-        raise SystemExit(0)
-    if len(argv) != 1:
-        print(__doc__.strip(), file=sys.stderr)
-        raise SystemExit(2)
-    target = build_wheel(Path(argv[0]))
+    cfg = cli_config(WheelConfig, __doc__, argv)
+    if not cfg.out:
+        raise ConfigError("out= is required (see --help)")
+    target = build_wheel(Path(cfg.out))
     print(f"wrote {target} ({check_wheel(target)} files, RECORD verified)")
 
 
 if __name__ == "__main__":
-    from cli.config import run_cli
-
     run_cli(main)

@@ -43,5 +43,6 @@ case $PHASE in combine|all)  # CPU: stacking on the length model, nested over th
   $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/plain@7" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
     method=logprob_avg out="$RUNS/seeds"
   $PY -m infer report oof="$RUNS/stack-seed42/oof.csv,$RUNS/plain/oof-seed42.csv,$RUNS/length/oof.csv" labels="$MT" \
-    folds="$RUNS/mtbench-folds.csv" out=docs/mtbench passes="$RUNS/plain/fold*-seed42/oof_passes.csv" ;; esac
+    folds="$RUNS/mtbench-folds.csv" out="$RUNS/report" overwrite=true passes="$RUNS/plain/fold*-seed42/oof_passes.csv"
+  cp "$RUNS"/report/*.md "$RUNS"/report/*.png docs/mtbench/ ;; esac
 grep -h "^  all" "$RUNS"/*.log || true
