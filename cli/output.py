@@ -61,6 +61,10 @@ def write_file(path: str | Path, write: Callable[[Path], None], overwrite: bool)
                 os.link(tmp, path)  # fails if another writer got there first: nothing is replaced
             except FileExistsError:
                 raise OutputError(f"{path}: written by another process meanwhile; pass overwrite=true to replace it") from None
+            except OSError:  # a filesystem without hard links: the same rule, with a race window of one check
+                if path.exists():
+                    raise OutputError(f"{path}: written by another process meanwhile; pass overwrite=true to replace it") from None
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
