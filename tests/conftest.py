@@ -130,6 +130,26 @@ def llama_run(tmp_path_factory, tiny_llama, sample_folds) -> Path:
     return out / "tiny-llama" / "fold0-seed42"
 
 
+def forbid_model_loading(monkeypatch) -> None:
+    """From here on, loading a base, building a trainable model or scoring a row fails the test: bad input
+    must be found before any of that. (Call it after fixtures that train, such as llama_run.)"""
+    import infer.predict
+    import model.factory
+    import model.run
+    import train.fold
+
+    def fail(what):
+        def refuse(*args, **kwargs):
+            raise AssertionError(what)
+        return refuse
+
+    monkeypatch.setattr(model.factory, "load_base", fail("base loaded"))
+    monkeypatch.setattr(model.run, "load_base", fail("base loaded"))  # imported by name there
+    monkeypatch.setattr(model.factory, "build_for_training", fail("model built"))
+    monkeypatch.setattr(train.fold, "build_for_training", fail("model built"))  # imported by name there
+    monkeypatch.setattr(infer.predict, "predict_frame", fail("scored"))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -20,12 +20,8 @@ from typing import Callable
 import pandas as pd
 import pytest
 
-import infer.predict
-import model.factory
-import model.run
-import train.fold
 from cli.config import run_cli
-from conftest import SAMPLE, train_args
+from conftest import SAMPLE, forbid_model_loading, train_args
 from data.folds import main as folds_main
 from data.io import DataError, read_competition_csv
 from infer.ensemble import main as ensemble_main
@@ -175,21 +171,6 @@ MATRIX = [
     for role, cases in roles.items()
     for case in cases
 ]
-
-
-def forbid_model_loading(monkeypatch) -> None:
-    """From here on, loading a base, building a trainable model or scoring a row fails the test.
-    (Called after the fixtures are set up: llama_run itself trains a model.)"""
-    def fail(what):
-        def refuse(*args, **kwargs):
-            raise AssertionError(what)
-        return refuse
-
-    monkeypatch.setattr(model.factory, "load_base", fail("model loaded"))
-    monkeypatch.setattr(model.run, "load_base", fail("model loaded"))  # imported by name there
-    monkeypatch.setattr(model.factory, "build_for_training", fail("model loaded"))
-    monkeypatch.setattr(train.fold, "build_for_training", fail("model loaded"))  # imported by name there
-    monkeypatch.setattr(infer.predict, "predict_frame", fail("scored"))
 
 
 @pytest.mark.parametrize("entry, role, case", MATRIX)

@@ -15,27 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import infer.predict
-import model.factory
-import model.run
 from cli.config import run_cli
 from cli.output import OutputError, output_folder, write_file
-from conftest import SAMPLE
+from conftest import SAMPLE, forbid_model_loading
 from data.folds import main as folds_main
 from data.io import LABEL_COLS
 from infer.predict import main as predict_main
-
-
-def forbid_model_loading(monkeypatch) -> None:
-    """From here on, loading a base or scoring a row fails the test."""
-    def fail(what):
-        def refuse(*args, **kwargs):
-            raise AssertionError(what)
-        return refuse
-
-    monkeypatch.setattr(model.factory, "load_base", fail("model loaded"))
-    monkeypatch.setattr(model.run, "load_base", fail("model loaded"))  # imported by name there
-    monkeypatch.setattr(infer.predict, "predict_frame", fail("scored"))
 
 
 def cli(main, argv: list[str], capsys) -> tuple[int, str]:

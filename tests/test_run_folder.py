@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import model.factory
-import model.run
 import train.fold
-from conftest import SAMPLE, train_args
+from conftest import SAMPLE, forbid_model_loading, train_args
 from cli.config import ConfigError, run_cli
 from infer.predict import main as predict_main
 from model.run import ADAPTER_FILE, MANIFEST, file_table, partial_dir, verify_run
@@ -43,11 +41,7 @@ def finished(tmp_path, llama_run) -> Path:
 @pytest.fixture
 def no_base(monkeypatch):
     """Loading a base model fails the test: damage must be found from the files alone."""
-    def load_base(*args, **kwargs):
-        raise AssertionError("base loaded")
-
-    monkeypatch.setattr(model.factory, "load_base", load_base)
-    monkeypatch.setattr(model.run, "load_base", load_base)  # model/run.py imported it by name
+    forbid_model_loading(monkeypatch)
 
 
 def predict_cli(run: Path, tmp_path: Path, capsys) -> tuple[int, str]:
