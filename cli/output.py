@@ -46,12 +46,21 @@ def check_output(path: str | Path, overwrite: bool, folder: bool = False) -> Pat
     return path
 
 
+def as_if_created(path: Path) -> Path:
+    """Give a temporary file or folder the permissions a plainly created one would have (mkstemp and
+    mkdtemp make them owner-only, which would carry over to outputs and shared caches)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    return path
+
+
 def write_file(path: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Call write(tmp) on a temporary file beside `path`, then move it into place atomically."""
     path = check_output(path, overwrite)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    tmp = Path(name)
+    tmp = as_if_created(Path(name))
     try:
         write(tmp)
         if overwrite:
@@ -74,7 +83,7 @@ def write_file(path: str | Path, write: Callable[[Path], None], overwrite: bool)
 def output_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; moved to `path` only when the block ends without error."""
     path = check_output(path, overwrite, folder=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    tmp = as_if_created(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")))
     try:
         yield tmp
         old = None

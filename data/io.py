@@ -201,6 +201,7 @@ def read_checked_csv(path: str | Path, required, what: str = "CSV", **read_kwarg
     if not path.is_file():
         raise DataError(f"{path}: " + ("a folder, not a file" if path.is_dir() else "file not found") + f" (expected a {what})")
     text = csv_text(path)
+    read_kwargs = {**read_kwargs, "dtype": {**read_kwargs.get("dtype", {}), "id": str}}  # see integer_ids
     try:
         df = pd.read_csv(io.StringIO(text), **read_kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
@@ -216,16 +217,18 @@ def read_checked_csv(path: str | Path, required, what: str = "CSV", **read_kwarg
 
 
 def integer_ids(ids: pd.Series, path: Path) -> pd.Series:
-    """ids as int64; blank, NaN or non-integer ids are an error naming their lines (the header is line 1)."""
+    """ids (read as text) as int64; blank, NaN, non-integer or out-of-range ids are an error naming their
+    lines (the header is line 1). Read as text, so no id passes through a float and loses digits."""
     text = ids.astype(str).str.strip()
-    as_num = pd.to_numeric(text.where(text != ""), errors="coerce")
-    bad = as_num.isna() | (as_num != as_num.round())
+    digits = text.str.extract(r"^([+-]?\d+)(?:\.0*)?$", expand=False)  # 12 or 12.0; not 1.5, 1e3, nan, ''
+    values = [int(d) if isinstance(d, str) and -2**63 <= int(d) < 2**63 else None for d in digits]
+    bad = pd.Series([v is None for v in values], index=ids.index)
     if bad.any():
-        values = ["" if pd.isna(v) else v for v in ids[bad].tolist()[:10]]  # a blank cell reads as NaN
-        shown = [f"line {pos + 2}: {value!r}" for pos, value in zip(np.flatnonzero(bad)[:10], values)]
+        raw = ["" if pd.isna(v) else v for v in ids[bad].tolist()[:10]]  # a blank cell reads as NaN
+        shown = [f"line {pos + 2}: {value!r}" for pos, value in zip(np.flatnonzero(bad)[:10], raw)]
         raise DataError(f"{path}: field id must be an integer in every row; {int(bad.sum())} row(s) are not: "
                         + ", ".join(shown))
-    return as_num.astype("int64")
+    return pd.Series(values, index=ids.index, dtype="int64")
 
 
 def read_sample_submission(path: str | Path, ids: pd.Series | None = None) -> pd.DataFrame:

@@ -85,20 +85,22 @@ def predict_members(dataset: Path, manifest: dict, cfg: KaggleConfig, infer: dic
 
     members = manifest["members"]
     bases = parse_bases(cfg.base, [n for n, m in members.items() if m["kind"] == "runs"])
-    preds = {}
-    for name, member in members.items():
-        start = time.time()
-        folder = dataset / "members" / name
-        if member["kind"] == "length":
-            preds[name] = predict_length(json.loads((folder / member["model"]).read_text()), rows)
-        else:
+    runs = {}
+    for name, member in members.items():  # every member's runs checked before hours of scoring, not between
+        if member["kind"] == "runs":
             overrides = {**infer, **({"base_path": bases[name]} if name in bases else {})}
             try:
-                runs = [load_run(folder / r, overrides) for r in member["predict"]]
+                runs[name] = [load_run(dataset / "members" / name / r, overrides) for r in member["predict"]]
             except ConfigError as err:
                 hint = f"; pass base={name}=<base model folder>" if "model.path" in str(err) else ""
                 raise ConfigError(f"member {name}: {err}{hint}") from None
-            preds[name] = predict_frame(runs, rows)
+    preds = {}
+    for name, member in members.items():
+        start = time.time()
+        if member["kind"] == "length":
+            preds[name] = predict_length(json.loads((dataset / "members" / name / member["model"]).read_text()), rows)
+        else:
+            preds[name] = predict_frame(runs[name], rows)
         print(f"member {name}: {len(rows)} rows in {time.time() - start:.0f} s")
     return preds
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, report = read_competition_csv(competition / "test.csv", labels=False)
     print(report.summary())
     order = read_sample_submission(competition / "sample_submission.csv", rows["id"])["id"]
-    pred = combine(dataset, manifest, predict_members(dataset, manifest, cfg, given.get("infer", {}), rows), rows)
+    pred = combine(dataset, manifest, predict_members(dataset, manifest, cfg, given.get("infer") or {}, rows), rows)
     pred = check_probs(merge_by_id([pred], order), "submission")  # sample_submission order; its ids must equal test.csv's
     write_predictions(pred, out, cfg.overwrite)
     print(f"wrote {len(pred)} rows to {cfg.out} in {time.time() - start:.0f} s")

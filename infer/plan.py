@@ -13,7 +13,7 @@ throughput= or from the throughput table (infer/throughput.yaml), keyed by hardw
 base model: its `model_type` and size (from its config.json or GGUF header), or family= when that
 cannot be read; where the table has no figure, the error says how to measure one. The table's rates count real (unpadded) tokens; count=padded divides the padded count
 instead, for a rate measured that way. Over budget_hours a WARN line is printed with the minutes
-each knob would save (infer.tta=false, format.infer_max_length at the 90th percentile of row lengths,
+each knob would save (infer.tta=false, infer predict's infer_max_length at the 90th percentile of row lengths,
 dropping the slowest member); the exit code stays 0.
 """
 from __future__ import annotations
@@ -245,8 +245,8 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
         else:
             capped += m["minutes"]
     if changes:
-        out.append(f"  format.infer_max_length at the 90th percentile of row lengths ({', '.join(changes)}; "
-                   f"an override of infer predict): {outcome(capped)}")
+        out.append(f"  infer_max_length at the 90th percentile of row lengths ({', '.join(changes)}; "
+                   f"a key of infer predict): {outcome(capped)}")
     if len(members) > 1:
         slowest = max(members, key=lambda m: m["minutes"])
         out.append(f"  drop the slowest member {member_name(slowest['run'])} "
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("runs= and csv= are required (see python -m infer plan --help)")
     if cfg.throughput < 0 or cfg.budget_hours <= 0:
         raise ConfigError(f"throughput must be >= 0 and budget_hours > 0, got {cfg.throughput}, {cfg.budget_hours}")
-    runs = [read_run(Path(r), given.get("infer")) for r in cfg.runs]
+    runs = [read_run(Path(r), (given.get("infer") or {})) for r in cfg.runs]
     if cfg.throughput:
         throughput_for, source = (lambda run: cfg.throughput), [f"throughput={cfg.throughput:g} tokens/s for every member"]
     else:

@@ -79,7 +79,7 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise ScoringError(
-            f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad]))[:10]}; "
+            f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad].tolist()))[:10]}; "
             f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try infer.compute_dtype=bfloat16 or float32"
         )
     probs = softmax(logits.astype(np.float64))
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.drop_bad_rows and cfg.sample_submission:
         raise ConfigError("drop_bad_rows cannot be combined with sample_submission: every id needs a prediction")
     out = check_output(cfg.out, cfg.overwrite)  # before hours of scoring, not after
-    runs = [load_run(Path(r), given.get("infer"), cfg.infer_max_length) for r in cfg.runs]
+    runs = [load_run(Path(r), (given.get("infer") or {}), cfg.infer_max_length) for r in cfg.runs]
     df, report = read_competition_csv(cfg.csv, drop_bad_rows=cfg.drop_bad_rows)
     print(report.summary())
     if cfg.folds:

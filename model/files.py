@@ -21,18 +21,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_table(root: Path) -> dict[str, dict]:
-    """relative path -> {sha256, size} for every file under `root` but the manifest itself."""
-    return {
-        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
-    }
+def is_temporary(rel: str) -> bool:
+    """A file being written (or left by a kill while it was): `.name.*.tmp` and the manifest's own temp file."""
+    name = rel.rsplit("/", 1)[-1]
+    return name == MANIFEST + ".tmp" or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def file_table(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """relative path -> {sha256, size} for every file under `root` but the manifest, temporary files and
+    the folders in `exclude` (e.g. "trainer/": checkpoints are not part of a sealed run)."""
+    table = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST and not is_temporary(rel) and not rel.startswith(exclude):
+            table[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return table
 
 
 def verify_files(root: Path, files: dict[str, dict], error=AdapterError) -> int:
     """Every listed file exists with its size and sha256 (the first mismatch named); returns the count."""
     for rel, want in files.items():
+        if not isinstance(want, dict) or not {"sha256", "size"} <= set(want):
+            raise error(f"{root / MANIFEST}: entry {rel!r} has no sha256 and size (edited by hand?)")
         path = root / rel
         if not path.is_file():
             raise error(f"{path}: missing (listed in {root / MANIFEST})")

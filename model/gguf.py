@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from model.files import MANIFEST, file_table, sha256_file, verify_files
+from cli.output import as_if_created
+from model.files import MANIFEST, AdapterError, file_table, sha256_file, verify_files
 
 FORMAT = 1
 
@@ -31,11 +32,14 @@ def dequantised(folder: Path, gguf_file: str) -> Path:
     key = f"{sha256_file(gguf)[:20]}-transformers{transformers.__version__}"
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / MANIFEST).is_file():
-        verify_files(target, json.loads((target / MANIFEST).read_text())["files"])
+        try:
+            verify_files(target, json.loads((target / MANIFEST).read_text())["files"])
+        except (AdapterError, ValueError, KeyError) as err:
+            raise AdapterError(f"{err}; the cached copy cannot be trusted: delete {target} and it is made again") from None
         return target
     print(f"{gguf}: dequantising once into {target} (later loads read that copy)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    tmp = as_if_created(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")))
     try:
         _write_copy(folder, gguf_file, tmp)
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "gguf": str(gguf), "key": key,

@@ -22,7 +22,7 @@ import yaml
 
 from cli.config import ConfigError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
-from model.files import MANIFEST, file_table, verify_files
+from model.files import MANIFEST, file_table, is_temporary, verify_files
 from model.factory import (AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum, head_to_fp32,
                            load_base, peft_reads_deprecated_flag, read_adapter)
 from model.settings import InferSettings, ModelConfig, inference_model
@@ -46,9 +46,18 @@ def read_manifest(folder: Path, error=AdapterError) -> dict:
     return manifest
 
 
+def check_run_manifest(folder: Path, manifest: dict) -> None:
+    """The keys a run folder's manifest must hold, so a hand-edited one fails in one line, not a KeyError."""
+    problems = [key for key in ("formatter", "head") if not isinstance(manifest.get(key), dict)]
+    if manifest.get("stage", "trained") not in STAGES:
+        problems.append(f"stage {manifest.get('stage')!r} (not one of {STAGES})")
+    if problems:
+        raise AdapterError(f"{folder / MANIFEST}: missing or invalid {problems}; not a run folder's manifest")
+
+
 def write_manifest(folder: Path, manifest: dict) -> dict:
     """Seal the folder: the manifest lists every other file's size and sha256; written last, atomically."""
-    manifest = {**manifest, "files": file_table(folder)}
+    manifest = {**manifest, "files": file_table(folder, exclude=("trainer/",))}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(folder / MANIFEST)
@@ -62,9 +71,18 @@ def verify_run(folder: Path, stage: str = "trained") -> dict:
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such run folder")
     manifest = read_manifest(folder)
+    check_run_manifest(folder, manifest)
     missing = [rel for rel in REQUIRED if rel not in manifest["files"]]
     if missing:
         raise AdapterError(f"{folder / MANIFEST}: does not list {missing}; not a complete run folder")
+    # What loading reads (adapter/, tokenizer/) must be exactly what was sealed: a stray file there, e.g.
+    # a tokenizer file left by copying one run over another, would change the token ids unchecked.
+    loaded = {rel for part in ("adapter", "tokenizer") for p in (folder / part).rglob("*")
+              if p.is_file() and not is_temporary(rel := p.relative_to(folder).as_posix())}
+    unlisted = sorted(loaded - set(manifest["files"]))
+    if unlisted:
+        raise AdapterError(f"{folder / unlisted[0]}: not in {folder / MANIFEST} ({len(unlisted)} unlisted file(s) "
+                           "under adapter/ or tokenizer/); loading would read it unchecked")
     verify_files(folder, manifest["files"])
     if STAGES.index(manifest.get("stage", "trained")) < STAGES.index(stage):
         raise AdapterError(f"{folder}: training stage {manifest.get('stage')!r}, not {stage!r}")

@@ -7,6 +7,7 @@ Kaggle entry and `infer plan`; the benchmarks build it directly.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -69,6 +70,10 @@ class InferSettings:
             raise ValueError(f"infer.compute_dtype must be empty (as trained) or one of {list(DTYPES)}, got {self.compute_dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"infer.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"infer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.workers < 0:
+            raise ValueError(f"infer.workers must be 0 (one per GPU, or 1 on CPU) or more, got {self.workers}")
         if self.token_budget < 1 or self.max_rows < 1:
             raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
         if self.fp8 and not self.merge_lora:

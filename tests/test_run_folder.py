@@ -17,6 +17,7 @@ import train.fold
 from conftest import SAMPLE, forbid_model_loading, train_args
 from cli.config import ConfigError, run_cli
 from infer.predict import main as predict_main
+import model.run
 from model.run import ADAPTER_FILE, MANIFEST, file_table, partial_dir, verify_run
 from train.__main__ import main as train_main
 from train.fold import PairTrainer
@@ -139,7 +140,8 @@ def test_killed_overwrite_leaves_the_old_run_intact(finished, tmp_path, tiny_lla
 
     monkeypatch.setattr(PairTrainer, "training_step", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=0", "overwrite=true"))
+        train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path, "fold=0", "train.lr=1e-3",
+                              "overwrite=true"))
     verify_run(finished, stage="complete")
     assert (finished / MANIFEST).read_bytes() == manifest
     assert (finished / "oof.csv").read_bytes() == oof
@@ -173,3 +175,19 @@ def test_kill_after_adapter_save_resumes_at_scoring(tmp_path, tiny_llama, sample
     assert not work.exists()
     # CPU training with one seed is deterministic, so the resumed run scores what an uninterrupted one does.
     assert (run_dir / "oof.csv").read_bytes() == (whole / "tiny-llama" / "fold2-seed42" / "oof.csv").read_bytes()
+
+
+def test_a_file_loading_would_read_but_the_manifest_does_not_list_is_refused(finished, tmp_path, capsys, no_base):
+    """A stray tokenizer file (left by copying one run over another) would change token ids unchecked."""
+    (finished / "tokenizer" / "added_tokens.json").write_text('{"hello world": 49152}')
+    code, out = predict_cli(finished, tmp_path, capsys)
+    assert code == 1 and "tokenizer/added_tokens.json: not in" in out and "Traceback" not in out
+
+
+def test_files_left_by_a_killed_write_are_not_sealed(finished):
+    """A temporary file a kill left behind is neither listed nor shipped, so the resealed run still verifies."""
+    (finished / "manifest.json.tmp").write_text("{")
+    (finished / ".oof.csv.abc123.tmp").write_text("half")
+    manifest = model.run.write_manifest(finished, json.loads((finished / MANIFEST).read_text()))
+    assert not [rel for rel in manifest["files"] if rel.endswith(".tmp")]
+    verify_run(finished, stage="complete")

@@ -54,7 +54,8 @@ class TrainConfig:
     fold: str = opt("0", "fold to hold out and score (an integer), or `all` for every fold and the CV table")
     seed: int = opt(42, "seed for the head init, LoRA init, data order and dropout")
     output_dir: str = opt("runs", "parent folder of run folders")
-    overwrite: bool = opt(False, "replace an existing finished run folder")
+    overwrite: bool = opt(False, "replace a run folder of other settings (the old one stays until the new run is "
+                                 "complete); a run of the same settings is reused or resumed either way")
     resume: str = opt("auto", "auto: an unfinished fold continues from its last checkpoint (train.save_steps) | never")
     data: DataSettings = dataclasses.field(default_factory=DataSettings)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -284,11 +284,11 @@ def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFra
             import wandb
 
             wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
-        shutil.rmtree(work / "trainer", ignore_errors=True)  # checkpoints are not part of the sealed run
         n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
         counts = {"train": len(train_df), "extra": n_extra, "valid": valid_rows, "sequences": len(examples)}
         training = {"seconds": round(time.time() - start, 1), "loss_curve": curve}
         save_run(work, cfg, model, tokenizer, formatter, fold, counts, origin, settings, training)
+        shutil.rmtree(work / "trainer", ignore_errors=True)  # only once the sealed adapter can replace them
     del trainer, model
     gc.collect()
     if torch.cuda.is_available():

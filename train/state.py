@@ -54,7 +54,7 @@ def resume_point(cfg: TrainConfig, work: Path, settings: dict) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     trainer_dir = work / "trainer"
-    if cfg.resume != "auto" or cfg.overwrite or not trainer_dir.is_dir():
+    if cfg.resume != "auto" or not trainer_dir.is_dir():
         return None
     last = get_last_checkpoint(str(trainer_dir))
     if last is None:
@@ -62,6 +62,8 @@ def resume_point(cfg: TrainConfig, work: Path, settings: dict) -> Path | None:
     saved = trainer_dir / "settings.json"
     differ = settings_diff(json.loads(saved.read_text()), settings) if saved.is_file() else ["settings.json: missing"]
     if differ:
+        if cfg.overwrite:  # checkpoints of other settings: start afresh
+            return None
         raise _refuse(work, "holds checkpoints of a run (different config)", differ)
     return Path(last)
 
@@ -71,20 +73,30 @@ def fold_state(cfg: TrainConfig, fold: int, settings: dict) -> tuple[str, dict |
     reuse a finished run | publish a complete .partial | score a trained one | train (from a checkpoint)."""
     run_dir = run_dir_for(cfg, fold)
     work = partial_dir(run_dir)
-    if run_dir.exists() and not cfg.overwrite:
-        manifest = verify_run(run_dir, stage="complete")
-        differ = settings_diff(manifest.get("settings", {}), settings)
-        if differ:
+    # overwrite=true replaces runs of other settings; one of the same settings (finished, trained or
+    # checkpointed, e.g. by an earlier overwrite=true that was killed) is reused or resumed either way.
+    if run_dir.exists():
+        try:
+            manifest = verify_run(run_dir, stage="complete")
+            differ = settings_diff(manifest.get("settings", {}), settings)
+        except AdapterError:
+            if not cfg.overwrite:
+                raise
+            manifest, differ = None, ["the finished run does not verify"]
+        if not differ:
+            return "reuse", manifest, None
+        if not cfg.overwrite:
             raise _refuse(run_dir, "is finished", differ)
-        return "reuse", manifest, None
-    if (work / "manifest.json").is_file() and not cfg.overwrite:
+    if (work / "manifest.json").is_file():
         try:
             manifest = verify_run(work)
         except AdapterError as err:
             print(f"fold {fold}: {work} cannot be resumed ({err}); training afresh")
             return "train", None, None
         differ = settings_diff(manifest.get("settings", {}), settings)
-        if differ:
+        if not differ:
+            return ("publish" if manifest["stage"] == "complete" else "score"), manifest, None
+        if not cfg.overwrite:
             raise _refuse(work, "was trained (not yet scored)", differ)
-        return ("publish" if manifest["stage"] == "complete" else "score"), manifest, None
+        return "train", None, None
     return "train", None, resume_point(cfg, work, settings)
