@@ -126,6 +126,12 @@ def write_complete(folder: Path, metrics: dict) -> dict:
     return write_manifest(folder, {**read_manifest(folder), "stage": "complete", "metrics": metrics})
 
 
+def run_folder(path: Path) -> Path:
+    """A run folder, given as itself or as its adapter/ (as train.init_from accepts it)."""
+    path = Path(path)
+    return path.parent if path.name == "adapter" else path
+
+
 def partial_dir(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + ".partial")
 

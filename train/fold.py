@@ -299,13 +299,14 @@ def score_stage(df: pd.DataFrame, fold: int, work: Path) -> dict:
     """Score the held-out fold from the saved run folder (as the submission would), then seal it complete."""
     valid_df = df[df["fold"] == fold].reset_index(drop=True)
     passes: list[pd.DataFrame] = []
-    oof = predict_frame([load_run(work)], valid_df, passes)
+    run = load_run(work)  # verified file by file, as any reader of a run folder
+    oof = predict_frame([run], valid_df, passes)
     write_predictions(oof, work / "oof.csv")
     write_predictions(passes[0], work / "oof_passes.csv")  # per TTA pass: position-bias analysis
     truth = targets_by_id(valid_df, oof["id"])
     comp_train_targets = np.stack(df.loc[df["fold"] != fold, "target"].to_numpy())
     metrics = fold_metrics(fold, truth, oof[list(LABEL_COLS)].to_numpy(), comp_train_targets)
-    training = read_manifest(work)["training"]
+    training = run.manifest["training"]
     metrics["train_seconds"] = training.get("seconds")
     metrics["train_loss_curve"] = training.get("loss_curve", [])
     return write_complete(work, metrics)["metrics"]

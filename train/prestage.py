@@ -7,7 +7,7 @@ from pathlib import Path
 from cli.config import ConfigError
 from data.io import prompt_key, read_competition_csv
 from model.factory import load_adapter_weights
-from model.run import verify_run
+from model.run import run_folder, verify_run
 from train.config import TrainConfig
 
 
@@ -22,7 +22,7 @@ def excluded_prompts(cfg: TrainConfig) -> set[str]:
 def init_from(model, cfg: TrainConfig) -> dict:
     """Start LoRA + head from another run (a pre-stage); returns its provenance for the manifest."""
     src = Path(cfg.train.init_from)
-    run = src.parent if src.name == "adapter" else src
+    run = run_folder(src)
     manifest = verify_run(run)  # every file of the pre-stage checked before its adapter is used
     base = {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file}
     if manifest["base_model"] != base:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cli.config import ConfigError, to_dict
 from model.factory import AdapterError
 from model.files import sha256_file
-from model.run import ADAPTER_FILE, partial_dir, settings_diff, verify_run
+from model.run import ADAPTER_FILE, partial_dir, run_folder, settings_diff, verify_run
 from train.config import TrainConfig
 
 
@@ -38,8 +38,7 @@ def fold_settings(cfg: TrainConfig, fold: int) -> dict:
     data["extra_csv"] = [_digest(p) for p in data["extra_csv"]]
     data["exclude_prompts_of"] = [_digest(p) for p in data["exclude_prompts_of"]]
     if cfg.train.init_from:
-        src = Path(cfg.train.init_from)
-        raw["train"]["init_from"] = _digest(str((src.parent if src.name == "adapter" else src) / ADAPTER_FILE))
+        raw["train"]["init_from"] = _digest(str(run_folder(cfg.train.init_from) / ADAPTER_FILE))
     return raw
 
 
