@@ -128,7 +128,8 @@ def run_variant(variant: str, base_dir: Path, rows: list[list[int]], cfg: TrainB
     from transformers import Trainer
 
     from train.config import TrainConfig, TrainSettings
-    from train.fold import Collator, PairTrainer, training_args
+    from train.fold import training_args
+    from train.trainers import Collator, PairTrainer
 
     on_gpu = device.type == "cuda"
     dtype = "bfloat16" if on_gpu else "float32"

@@ -9,6 +9,8 @@ Templates
   tags   `<prompt>: p1\n\np2\n\n<response_a>: a1\n\na2\n\n<response_b>: b1\n\nb2`
   turns  per turn i: `<prompt>: pi\n<response_a>: ai\n<response_b>: bi`, turns joined by `\n\n`
          (a side with fewer turns contributes "" for the missing ones)
+One side (`encode_sides`, for Bradley-Terry reward models that score each response alone) uses the
+same templates and truncation with the parts prompt and `<response>: `.
 Truncation (the sequence is the tokenizer's own prefix such as BOS, the body, then EOS)
   head   keep the first tokens of the body
   tail   keep the last tokens of the body (the end of long conversations)
@@ -30,7 +32,8 @@ FORMATTER_VERSION = "1"
 TEMPLATES = ("tags", "turns")
 TRUNCATIONS = ("head", "tail", "parts")
 PARTS = ("prompt", "a", "b")
-TAG = {"prompt": "<prompt>: ", "a": "<response_a>: ", "b": "<response_b>: "}
+SIDE_PARTS = ("prompt", "response")  # one response alone (a Bradley-Terry reward model scores each side)
+TAG = {"prompt": "<prompt>: ", "a": "<response_a>: ", "b": "<response_b>: ", "response": "<response>: "}
 
 
 @dataclasses.dataclass
@@ -114,24 +117,31 @@ class Formatter:
         """Token ids for each row; `swap=True` puts response B in the A slot and A in the B slot."""
         if swap:
             responses_a, responses_b = responses_b, responses_a
-        rows = list(zip(prompts, responses_a, responses_b))
+        return self._encode(list(zip(prompts, responses_a, responses_b)), PARTS, inference)
+
+    def encode_sides(self, prompts, responses, *, inference: bool = False) -> list[list[int]]:
+        """Token ids of each (prompt, one response): the same template and truncation with the parts
+        prompt and `<response>`, which share the budget by part_shares' first two numbers."""
+        return self._encode(list(zip(prompts, responses)), SIDE_PARTS, inference)
+
+    def _encode(self, rows: list[tuple], parts: tuple[str, ...], inference: bool) -> list[list[int]]:
         flat = [turn for row in rows for part in row for turn in part]
         ids = iter(self.tok(flat, add_special_tokens=False)["input_ids"] if flat else [])
         limit = self.max_length(inference)
         out = []
         for row in rows:
-            content = {p: [next(ids) for _ in turns] for p, turns in zip(PARTS, row)}
-            out.append(self._assemble(content, limit))
+            content = {p: [next(ids) for _ in turns] for p, turns in zip(parts, row)}
+            out.append(self._assemble(content, parts, limit))
         return out
 
     def encode(self, prompt, response_a, response_b, *, swap: bool = False, inference: bool = False) -> list[int]:
         return self.encode_batch([prompt], [response_a], [response_b], swap=swap, inference=inference)[0]
 
-    def _layout(self, content: dict) -> list:
+    def _layout(self, content: dict, parts: tuple[str, ...]) -> list:
         """The body as a list of fixed token lists and (part, turn) content slots."""
         if self.cfg.template == "tags":
             items = []
-            for p in PARTS:
+            for p in parts:
                 if items:
                     items.append(self.fixed["\n\n"])
                 items.append(self.fixed[TAG[p]])
@@ -141,11 +151,11 @@ class Formatter:
                     items.append((p, t))
             return items
         items = []
-        n_turns = max(1, *(len(content[p]) for p in PARTS))
+        n_turns = max(1, *(len(content[p]) for p in parts))
         for t in range(n_turns):
             if t:
                 items.append(self.fixed["\n\n"])
-            for j, p in enumerate(PARTS):
+            for j, p in enumerate(parts):
                 if j:
                     items.append(self.fixed["\n"])
                 items.append(self.fixed[TAG[p]])
@@ -153,23 +163,23 @@ class Formatter:
                     items.append((p, t))
         return items
 
-    def _assemble(self, content: dict, limit: int) -> list[int]:
-        items = self._layout(content)
+    def _assemble(self, content: dict, parts: tuple[str, ...], limit: int) -> list[int]:
+        items = self._layout(content, parts)
         budget = limit - len(self.prefix) - 1  # room for the body; EOS always stays
         if self.cfg.truncation == "parts":
-            keep = self._part_budgets(content, items, budget)
+            keep = self._part_budgets(content, items, parts, budget)
             content = {p: [ids[: keep[p][t]] for t, ids in enumerate(turns)] for p, turns in content.items()}
         body = [tok for item in items for tok in (content[item[0]][item[1]] if isinstance(item, tuple) else item)]
         if len(body) > budget:
             body = body[len(body) - budget :] if self.cfg.truncation == "tail" else body[:budget]
         return self.prefix + body + [self.eos_id]
 
-    def _part_budgets(self, content: dict, items: list, budget: int) -> dict:
+    def _part_budgets(self, content: dict, items: list, parts: tuple[str, ...], budget: int) -> dict:
         fixed = sum(len(item) for item in items if not isinstance(item, tuple))
         room = max(0, budget - fixed)
-        demands = [sum(map(len, content[p])) for p in PARTS]
-        per_part = fill_budgets(demands, room, self.cfg.part_shares)
+        demands = [sum(map(len, content[p])) for p in parts]
+        per_part = fill_budgets(demands, room, self.cfg.part_shares[: len(parts)])
         return {
             p: fill_budgets([len(ids) for ids in content[p]], per_part[i], [1.0] * len(content[p]))
-            for i, p in enumerate(PARTS)
+            for i, p in enumerate(parts)
         }

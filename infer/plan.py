@@ -31,14 +31,15 @@ import yaml
 
 from cli.config import ConfigError, cli_config, opt
 from data.io import read_competition_csv
+from infer.predict import score_passes
 from infer.scoring import plan_batches
 from model.factory import resolve_path
 from model.run import Run, load_run
 from model.settings import InferSettings
+from model.tokens import encode_rows
 
 DEFAULT_TABLE = Path(__file__).with_name("throughput.yaml")
 COUNTS = ("real", "padded")
-CHUNK = 1000  # rows formatted at a time: only lengths are kept, never a whole test set of token ids
 
 
 @dataclasses.dataclass
@@ -142,18 +143,15 @@ class ThroughputTable:
         return float(value)
 
 
-def row_lengths(run: Run, df: pd.DataFrame, swaps: list[bool]) -> list[list[int]]:
-    """Per pass: the token count of every row as `infer predict` formats it for this run."""
+def row_lengths(run: Run, df: pd.DataFrame, passes: list[dict]) -> list[list[int]]:
+    """Per pass (infer.predict.score_passes): the token count of every row as `infer predict` formats it for
+    this run (its ids stay in the token cache, where predict finds them)."""
     formatter = run.formatter()
-    out = []
-    for swap in swaps:
-        lengths: list[int] = []
-        for start in range(0, len(df), CHUNK):
-            part = df.iloc[start : start + CHUNK]
-            seqs = formatter.encode_batch(part["prompt"], part["response_a"], part["response_b"], swap=swap, inference=True)
-            lengths += map(len, seqs)
-        out.append(lengths)
-    return out
+    return [list(map(len, encode_rows(formatter, df, inference=True, desc="rows to plan", **kw))) for kw in passes]
+
+
+def pass_name(kw: dict) -> str:
+    return f"side {kw['side']}" if "side" in kw else "swap" if kw["swap"] else "plain"
 
 
 def _tokenizer_key(run: Run) -> str:
@@ -197,21 +195,21 @@ def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], floa
     if count not in COUNTS:
         raise ConfigError(f"count must be one of {COUNTS}, got {count!r}")
     rates = [float(throughput_for(run)) for run in runs]  # a missing rate stops before the slow part
-    cache: dict[str, dict[bool, list[int]]] = {}  # the folds of one config share tokenizer and format
+    cache: dict[str, dict[str, list[int]]] = {}  # the folds of one config share tokenizer and format
     rows, members = [], []
     for run, rate in zip(runs, rates):
-        swaps = [False, True] if run.infer.tta else [False]
+        names = {pass_name(kw): kw for kw in score_passes(run)}
         known = cache.setdefault(_tokenizer_key(run), {})
-        todo = [s for s in swaps if s not in known]
+        todo = [name for name in names if name not in known]
         if todo:
-            known.update(zip(todo, row_lengths(run, df, todo)))
-        passes = [known[s] for s in swaps]
+            known.update(zip(todo, row_lengths(run, df, [names[name] for name in todo])))
+        passes = [known[name] for name in names]
         flat = [n for p in passes for n in p]
         layout = target_layout(run, hardware)
         widths = batch_widths(flat, run.infer, layout)
-        for j, swap in enumerate(swaps):
+        for j, name in enumerate(names):
             tokens, padded = sum(passes[j]), sum(widths[j * len(df) : (j + 1) * len(df)])
-            rows.append({"member": member_name(run), "pass": "swap" if swap else "plain", "rows": len(df),
+            rows.append({"member": member_name(run), "pass": name, "rows": len(df),
                          "tokens": tokens, "padded_tokens": round(padded), "tokens_per_s": rate,
                          "minutes": (padded if count == "padded" else tokens) / rate / 60})
         members.append({"run": run, "rate": rate, "passes": passes, "layout": layout,

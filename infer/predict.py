@@ -25,16 +25,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 
 from cli.config import ConfigError, UserError, cli_config, opt, run_cli
 from cli.output import check_output, write_file
 from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read_sample_submission, targets_by_id
+from infer.length import ABSENT_CLASS_PROB
 from infer.metrics import log_loss, softmax
 from infer.scoring import plan_batches, run_shares, split_batches, unbatch
 from model.factory import pick_device
 from model.packing import resolve_layout
 from model.run import Run, load_run
 from model.settings import InferSettings
+from model.tokens import encode_rows
 
 
 @dataclasses.dataclass
@@ -57,14 +60,18 @@ class ScoringError(UserError, RuntimeError):
 
 
 def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
-    """Per-(id, swap) probabilities of one run, already mapped back to the unswapped order."""
+    """Per-(id, swap) probabilities of one run, already mapped back to the unswapped order.
+
+    A Bradley-Terry run scores each side alone (prompt + one response): its rows have no A/B order,
+    so swap TTA would repeat the same numbers and is not run (swap is False on every row).
+    """
     formatter = run.formatter()
-    passes = [False, True] if run.infer.tta else [False]
-    seqs, ids, swaps = [], [], []
-    for swap in passes:
-        seqs += formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], swap=swap, inference=True)
+    reward = run.objective["name"] == "bradley_terry"
+    passes = score_passes(run)
+    seqs, ids = [], []
+    for kw in passes:
+        seqs += encode_rows(formatter, df, inference=True, desc="rows to score", **kw)
         ids += df["id"].tolist()
-        swaps += [swap] * len(df)
     lengths = list(map(len, seqs))
     device = pick_device(run.infer.device)
     layout = resolve_layout(run.infer.layout, device)
@@ -82,10 +89,29 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
             f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad].tolist()))[:10]}; "
             f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try infer.compute_dtype=bfloat16 or float32"
         )
+    if reward:
+        rewards = logits[:, 0].astype(np.float64)
+        probs = reward_probs(rewards[: len(df)], rewards[len(df):], run.objective["tie_rate"])
+        return pd.DataFrame({"id": df["id"].tolist(), "swap": False, **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
     probs = softmax(logits.astype(np.float64))
-    swapped = np.asarray(swaps)
+    swapped = np.repeat([kw["swap"] for kw in passes], len(df)).astype(bool)
     probs[swapped] = probs[swapped][:, SWAP_PERM]
-    return pd.DataFrame({"id": ids, "swap": swaps, **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
+    return pd.DataFrame({"id": ids, "swap": swapped, **{c: probs[:, k] for k, c in enumerate(LABEL_COLS)}})
+
+
+def score_passes(run: Run) -> list[dict]:
+    """encode_rows' arguments for each pass over the rows: plain (+ swapped with TTA), or a reward run's two sides."""
+    if run.objective["name"] == "bradley_terry":
+        return [{"side": "a"}, {"side": "b"}]
+    return [{"swap": swap} for swap in ([False, True] if run.infer.tta else [False])]
+
+
+def reward_probs(reward_a: np.ndarray, reward_b: np.ndarray, tie_rate: float) -> np.ndarray:
+    """Bradley-Terry: P(A) = (1-τ)σ(r_A - r_B), P(B) = (1-τ)σ(r_B - r_A), P(tie) = τ, the training rows' tie
+    rate (ABSENT_CLASS_PROB when they had none, as for any class a model never saw)."""
+    tau = max(tie_rate, ABSENT_CLASS_PROB)
+    p_a = expit(reward_a - reward_b)
+    return np.stack([(1 - tau) * p_a, (1 - tau) * (1 - p_a), np.full_like(p_a, tau)], axis=1)
 
 
 def merge_by_id(frames: list[pd.DataFrame], ids: pd.Series) -> pd.DataFrame:

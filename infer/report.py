@@ -33,6 +33,7 @@ from data.features import length_features
 from data.folds import read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
 from infer.metrics import NO_TIES_NOTE, check_probs, has_ties, log_loss, two_class_metrics
+from infer.tracking import start as start_tracking
 
 
 matplotlib.use("Agg")  # files only: training boxes and CI have no display; must precede pyplot
@@ -53,6 +54,10 @@ class ReportConfig:
     title: str = opt("OOF report", "top heading of report.md")
     bins: int = opt(10, "equal-width probability bins of the reliability diagrams")
     length_buckets: int = opt(5, "quantile buckets of the log-loss-by-length tables")
+    report_to: str = opt("none", "wandb: also log the report's PNGs (wandb.Image) in a run of job type `report`, "
+                         "offline unless WANDB_MODE says otherwise | none")
+    group: str = opt("", "wandb group; empty: the folder of the first OOF file (runs/NAME/oof-seed42.csv -> NAME), "
+                     "the group `python -m train` gives that config's runs")
 
 
 @dataclasses.dataclass
@@ -357,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("oof=, labels= and folds= are required (see python -m infer report --help)")
     if cfg.bins < 2 or cfg.length_buckets < 1:
         raise ConfigError(f"bins must be >= 2 and length_buckets >= 1, got {cfg.bins}, {cfg.length_buckets}")
+    if cfg.report_to not in ("none", "wandb"):
+        raise ConfigError(f"report_to must be wandb or none, got {cfg.report_to!r}")
     check_output(cfg.out, cfg.overwrite, folder=True)  # before the work, not after it
     oof_files, passes_files = expand(cfg.oof, "oof"), expand(cfg.passes, "passes")
     folds_df = read_folds(cfg.folds)  # cheap checks first: the labels file is the slow read
@@ -365,3 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     with output_folder(cfg.out, cfg.overwrite) as out:  # the report appears whole, or not at all
         write_report(oof_files, labels_df, folds_df, out, passes_files, cfg.title, cfg.bins, cfg.length_buckets)
     print(f"wrote {Path(cfg.out) / 'report.md'}")
+    track_report(cfg, oof_files)
+
+
+def track_report(cfg: ReportConfig, oof_files: list[Path]) -> None:
+    """report_to=wandb: the written report's PNGs as wandb.Image (`report/<file stem>`), its settings as config."""
+    group = cfg.group or Path(oof_files[0]).resolve().parent.name
+    with start_tracking(cfg.report_to, group=group, job_type="report", name=f"{group}-report",
+                        config=dataclasses.asdict(cfg)) as track:
+        track.images(sorted(Path(cfg.out).glob("*.png")), "report")

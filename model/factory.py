@@ -27,6 +27,8 @@ from model.settings import DTYPES, ModelConfig
 
 HEAD = "score"  # the classification head's attribute name on *ForSequenceClassification models
 NUM_LABELS = 3
+# Head outputs per training objective (train.objective): the 3-way pair classifier, or one reward per response.
+HEAD_SIZES = {"classify": NUM_LABELS, "bradley_terry": 1}
 
 
 
@@ -95,7 +97,7 @@ def peft_reads_deprecated_flag() -> Iterator[None]:
 
 
 def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False,
-              head_restored: bool = False):
+              head_restored: bool = False, num_labels: int = NUM_LABELS):
     """The base with a fresh head; packed=True selects the padding-free attention (model.packing).
 
     head_restored=True (inference: the caller loads the trained head right after) silences
@@ -125,7 +127,7 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
         attn = "eager" if model_type == "gemma2" else "sdpa"
     with dropped_log("transformers.modeling_utils", "LOAD REPORT") if head_restored else contextlib.nullcontext():
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=NUM_LABELS, attn_implementation=attn, local_files_only=True, **kwargs
+            path, num_labels=num_labels, attn_implementation=attn, local_files_only=True, **kwargs
         )
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
@@ -151,7 +153,7 @@ def head_to_fp32(model: nn.Module) -> None:
 
 
 class PooledClassifier(nn.Module):
-    """Backbone -> hidden state of each row's last real token -> head; fp32 logits (rows, 3).
+    """Backbone -> hidden state of each row's last real token -> head; fp32 logits (rows, 3), or (rows, 1) rewards.
 
     Two batch layouts, one function:
     - padded: input_ids / attention_mask (rows, width), right-padded; the last real token comes
@@ -230,7 +232,7 @@ def compile_layers(model: PooledClassifier, dynamic: bool | None = False) -> Non
 
 
 def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed: bool = False,
-                       compile: bool = False) -> PooledClassifier:
+                       compile: bool = False, num_labels: int = NUM_LABELS) -> PooledClassifier:
     """Base + LoRA + head, trainable; packed=True takes padding-free batches (model.packing),
     compile=True compiles each decoder layer for widths that change per micro-batch (train.compile).
 
@@ -241,7 +243,7 @@ def build_for_training(cfg: ModelConfig, pad_token_id: int, device: torch.device
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    model = load_base(cfg, pad_token_id, device, packed=packed)
+    model = load_base(cfg, pad_token_id, device, packed=packed, num_labels=num_labels)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the reentrant kind does).
         enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x on

@@ -23,7 +23,8 @@ import yaml
 from cli.config import ConfigError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from model.files import MANIFEST, file_table, is_temporary, verify_files
-from model.factory import (AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum, head_to_fp32,
+from model.factory import (HEAD_SIZES, AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum,
+                           head_to_fp32,
                            load_base, peft_reads_deprecated_flag, read_adapter)
 from model.settings import InferSettings, ModelConfig, inference_model
 
@@ -92,7 +93,16 @@ def verify_run(folder: Path, stage: str = "trained") -> dict:
     key, head = adapter_head(folder)
     if key != manifest["head"]["key"] or head_checksum(head) != manifest["head"]["sha256"]:
         raise AdapterError(f"{folder / ADAPTER_FILE}: head {key} differs from the manifest's {manifest['head']['key']}")
+    objective = run_objective(manifest)
+    if objective["name"] not in HEAD_SIZES or head.shape[0] != HEAD_SIZES[objective["name"]]:
+        raise AdapterError(f"{folder}: objective {objective['name']!r} with a head of {head.shape[0]} output(s); "
+                           f"expected one of {HEAD_SIZES}")
     return manifest
+
+
+def run_objective(manifest: dict) -> dict:
+    """{"name": "classify"} or {"name": "bradley_terry", "tie_rate": τ} (runs before the objective was recorded classify)."""
+    return manifest.get("objective", {"name": "classify"})
 
 
 def adapter_head(folder: Path) -> tuple[str, torch.Tensor]:
@@ -168,6 +178,10 @@ class Run:
     infer: InferSettings
     manifest: dict
 
+    @property
+    def objective(self) -> dict:
+        return run_objective(self.manifest)
+
     def formatter(self) -> Formatter:
         """The formatter exactly as the run was trained with: its saved tokenizer and format settings."""
         from transformers import AutoTokenizer
@@ -208,7 +222,8 @@ def load_model(run_dir: Path, cfg: ModelConfig, device: torch.device, pad_token_
     manifest = read_manifest(run_dir)
     verify_files(run_dir, {rel: manifest["files"][rel] for rel in REQUIRED})
     saved, _ = read_adapter(run_dir / "adapter")
-    model = load_base(cfg, pad_token_id, device, packed=packed, head_restored=True)
+    model = load_base(cfg, pad_token_id, device, packed=packed, head_restored=True,
+                      num_labels=HEAD_SIZES[run_objective(manifest)["name"]])
     head_to_fp32(model)
     with peft_reads_deprecated_flag():
         peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)

@@ -201,7 +201,8 @@ def packed_vs_padded_training(path, tokenizer, sample_rows, device: torch.device
     Triton runs fp32 dots in TF32 (~1e-3 relative), so CUDA is held to that. Two micro-batches of
     different widths: training compiles for one width, then for any (automatic dynamic shapes)."""
     from model.factory import build_for_training
-    from train.fold import Collator, encode_examples
+    from train.fold import encode_examples
+    from train.trainers import Collator
 
     cfg = ModelConfig(path=str(path), quantization="none", compute_dtype="float32", lora_dropout=0.0,
                       gradient_checkpointing=True)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import train_args
 from cli.config import ConfigError
 from train.__main__ import main as train_main
-from train.fold import PairTrainer
+from train.trainers import PairTrainer
 
 STEPS = ("fold=1", "train.max_steps=6", "train.save_steps=2", "train.batch_size=8", "train.grad_accum=2",
          "model.lora_dropout=0.1", "infer.tta=false")

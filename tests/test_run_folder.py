@@ -20,7 +20,7 @@ from infer.predict import main as predict_main
 import model.run
 from model.run import ADAPTER_FILE, MANIFEST, file_table, partial_dir, verify_run
 from train.__main__ import main as train_main
-from train.fold import PairTrainer
+from train.trainers import PairTrainer
 
 RUN = Path("tiny-llama") / "fold0-seed42"  # where llama_run's fold lives under any output_dir
 # A fresh run as small as the tests can make it: few steps, one scoring pass.

@@ -32,6 +32,7 @@ from train.config import TrainConfig
 from train.distributed import dist_rank
 from train.fold import load_rows, train_fold
 from train.state import run_dir_for
+from train.tracking import log_cv
 
 
 def cv_summary(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
@@ -44,6 +45,7 @@ def cv_summary(cfg: TrainConfig, results: list[dict], df: pd.DataFrame) -> str:
         out = Path(cfg.output_dir) / cfg.name
         (out / f"cv-seed{cfg.seed}.json").write_text(json.dumps(summary, indent=2))
         write_predictions(oof, out / f"oof-seed{cfg.seed}.csv")
+        log_cv(cfg, summary)  # wandb (train.report_to): the CV table in a run of job type cv
     return table
 
 

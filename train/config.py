@@ -38,13 +38,17 @@ class TrainSettings:
                                "train.layout=packed on a GPU, where Python overhead between small kernels dominates)")
     init_from: str = opt("", "run folder (or its adapter/) whose LoRA + head start this training, e.g. a "
                          "pre-stage on extra data; same base model and LoRA shape required")
+    objective: str = opt("classify", "classify: the 3-way head on the pair (A wins, B wins, tie) | bradley_terry: one reward "
+                         "per response through trl's RewardTrainer, P(A) = (1-τ)σ(r_A-r_B), trained on decisive rows only, "
+                         "P(tie) = τ, the training rows' tie rate")
     swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")
     soft_labels: bool = opt(False, "read winner columns as probabilities summing to 1 (pseudo-labels)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     logging_steps: int = opt(10, "log the training loss every N steps")
     save_steps: int = opt(0, "checkpoint (adapter + optimizer + scheduler + RNG) every N optimizer steps for resume=auto; 0: none")
-    report_to: str = opt("wandb", "wandb (offline unless WANDB_MODE says otherwise) | none | tensorboard")
+    report_to: str = opt("wandb", "wandb: per fold the config, training loss and OOF / prior log loss, fold=all the CV "
+                         "table (offline unless WANDB_MODE says otherwise) | none (wandb never imported) | tensorboard")
     device: str = opt("auto", "auto (cuda:0 when there is a GPU; cuda:LOCAL_RANK under torchrun) | cpu | cuda; several GPUs: launch with torchrun")
 
 
@@ -66,6 +70,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.train.layout not in ("padded", "packed"):
             raise ValueError(f"train.layout must be padded or packed, got {self.train.layout!r}")
+        if self.train.objective not in ("classify", "bradley_terry"):
+            raise ValueError(f"train.objective must be classify or bradley_terry, got {self.train.objective!r}")
+        if self.train.objective == "bradley_terry" and (self.train.soft_labels or self.train.layout != "padded"):
+            raise ValueError("train.objective=bradley_terry needs hard labels (train.soft_labels=false) and train.layout=padded")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")
         try:  # the fold's OOF is scored with these settings: refuse what cannot run before training

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from cli.config import ConfigError, to_dict
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
@@ -31,18 +30,15 @@ from data.formatter import Formatter
 from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
 from infer.metrics import fold_metrics
 from infer.predict import load_run, predict_frame, write_predictions
-from model.factory import HEAD, build_for_training, check_base, load_adapter_weights, load_tokenizer, pick_device
-from model.packing import pack_batch, pad_batch
+from model.factory import HEAD_SIZES, build_for_training, check_base, load_tokenizer, pick_device
 from model.run import partial_dir, publish, read_manifest, write_complete, write_trained
+from model.tokens import encode_rows
 from train.config import TrainConfig
 from train.state import fold_settings, fold_state, run_dir_for
-from train.distributed import RankBalancedSampler, barrier, dist_rank
+from train.tracking import finish_fold, fold_run, log_reused_fold
+from train.distributed import barrier, dist_rank
 from train.prestage import excluded_prompts, init_from
-
-
-# Packed widths are rounded up to this: a handful of distinct shapes for compiled attention
-# instead of one per micro-batch, for at most PACK_MULTIPLE - 1 padding tokens per step.
-PACK_MULTIPLE = 256
+from train.trainers import BradleyTerryTrainer, Collator, PairTrainer, RewardModel, preference_dataset
 
 
 def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -85,65 +81,9 @@ def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> l
     passes = [(False, targets)] + ([(True, targets[:, SWAP_PERM])] if swap_aug else [])
     examples = []
     for swap, tgt in passes:
-        ids = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], swap=swap)
+        ids = encode_rows(formatter, df, swap=swap, desc="training rows")
         examples += [{"input_ids": x, "target": t} for x, t in zip(ids, tgt)]
     return examples
-
-
-class Collator:
-    """A micro-batch as padded rows, or packed end to end (width rounded up to PACK_MULTIPLE)."""
-
-    def __init__(self, pad_id: int, packed: bool = False):
-        self.pad_id, self.packed = pad_id, packed
-
-    def __call__(self, examples: list[dict]) -> dict:
-        seqs = [e["input_ids"] for e in examples]
-        target = torch.tensor(np.stack([e["target"] for e in examples]))
-        if self.packed:
-            width = -(-sum(map(len, seqs)) // PACK_MULTIPLE) * PACK_MULTIPLE
-            return {**pack_batch(seqs, self.pad_id, width), "target": target}
-        ids, mask = pad_batch(seqs, self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "target": target}
-
-
-class PairTrainer(Trainer):
-    """Trainer with soft-target cross-entropy on pooled logits and a separate head learning rate."""
-
-    def __init__(self, *args, head_lr: float, label_smoothing: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.head_lr = head_lr
-        self.label_smoothing = label_smoothing
-
-    def _get_train_sampler(self, *args, **kwargs):
-        if self.args.world_size > 1:
-            lengths = [len(e["input_ids"]) for e in self.train_dataset]
-            return RankBalancedSampler(lengths, self.args.per_device_train_batch_size, self.args.world_size, self.args.seed)
-        return super()._get_train_sampler(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        target = inputs.pop("target")
-        logits = model(**inputs)
-        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
-        return (loss, logits) if return_outputs else loss
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        # Checkpoints hold the adapter (LoRA + head) only: the frozen base is already on disk, and
-        # Trainer's default for a non-PreTrainedModel would write all of it (GBs) every save_steps.
-        self.model.model.save_pretrained(output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter_weights(self.model.model, Path(resume_from_checkpoint))
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            head = [p for n, p in params if f".{HEAD}." in n]
-            groups = [{"params": [p for n, p in params if f".{HEAD}." not in n]}]
-            groups.append({"params": head, "lr": self.head_lr or self.args.learning_rate})
-            optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optim_kwargs["weight_decay"] = self.args.weight_decay
-            self.optimizer = optim_cls(groups, **optim_kwargs)
-        return self.optimizer
 
 
 def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingArguments:
@@ -180,8 +120,20 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
         ddp_find_unused_parameters=False,  # every trainable tensor (LoRA, head) gets a gradient each step
         ddp_timeout=4 * 3600,  # the other ranks wait while rank 0 scores the held-out fold
     )
+    args_class = TrainingArguments
+    if t.objective == "bradley_terry":
+        from trl import RewardConfig
+
+        args_class = RewardConfig
+        del kwargs["label_names"]  # RewardTrainer's batches carry no labels; it sets what it needs
+        # RewardConfig's own defaults would silently change the recipe: rows over its max_length dropped
+        # (the formatter already cut them), LoRA dropout zeroed, checkpointing outside the factory.
+        # (transformers 5.2x renamed gradient_checkpointing; trl's default True must be overridden under either name)
+        names = {f.name for f in dataclasses.fields(RewardConfig)}
+        checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        kwargs.update({"max_length": None, "disable_dropout": False, checkpointing: False})
     try:
-        args = TrainingArguments(**kwargs)
+        args = args_class(**kwargs)
     except ValueError as err:  # unknown optim / scheduler names and the like
         raise ConfigError(f"train settings: {err}") from None
     _ = args.device  # sets up devices now, so the next line is not undone later
@@ -192,13 +144,15 @@ def training_args(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Trai
 
 
 def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Formatter, fold: int, counts: dict,
-             origin: dict | None, settings: dict | None = None, training: dict | None = None) -> dict:
+             origin: dict | None, settings: dict | None = None, training: dict | None = None,
+             objective: dict | None = None) -> dict:
     """Stage "trained" of a run folder (model.run.write_trained): adapter, tokenizer, resolved config, manifest."""
     manifest = {
         "name": cfg.name,
         "fold": fold,
         "seed": cfg.seed,
         "formatter": formatter.describe(),
+        "objective": objective or {"name": "classify"},
         "base_model": {"path": cfg.model.path, "gguf_file": cfg.model.gguf_file},
         "init_from": origin,
         "rows": counts,
@@ -218,12 +172,14 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
     action, manifest, checkpoint = fold_state(cfg, fold, settings)
     if action == "reuse":
         print(f"fold {fold}: {run_dir} is finished with these settings (every file verified), reusing it")
+        log_reused_fold(cfg, fold, manifest)  # wandb: its verified metrics, tagged reused; nothing re-trained
         return manifest["metrics"]
     rank, world = dist_rank()
     device = pick_device(cfg.train.device)
     if world > 1 and device.type == "cuda":  # DDP: one GPU per process, each with its own (4-bit) base
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     args = training_args(cfg, run_dir, device)  # under torchrun this joins the process group
+    track = fold_run(cfg, fold, action, rank)  # wandb (rank 0): the Trainer logs its loss into this fold's run
     barrier()  # every rank has read the folder's state before rank 0 changes it
     if action == "train":
         train_stage(cfg, fold, df, extra, work, settings, checkpoint, args, device)
@@ -236,7 +192,7 @@ def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFram
         score_stage(df, fold, work)
     publish(work, run_dir)
     barrier()
-    return read_manifest(run_dir)["metrics"]
+    return finish_fold(track, run_dir, read_manifest(run_dir)["metrics"], action)
 
 
 def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame, work: Path, settings: dict,
@@ -256,21 +212,29 @@ def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFra
 
     tokenizer = load_tokenizer(cfg.model)
     formatter = Formatter(tokenizer, cfg.format)
-    examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
+    objective = {"name": cfg.train.objective}
     packed = cfg.train.layout == "packed"
-    model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed, compile=cfg.train.compile)
+    model = build_for_training(cfg.model, formatter.pad_id, device, packed=packed, compile=cfg.train.compile,
+                               num_labels=HEAD_SIZES[cfg.train.objective])
     origin = init_from(model, cfg) if cfg.train.init_from else None
-    trainer = PairTrainer(
-        model=model,
-        args=args,
-        train_dataset=examples,
-        data_collator=Collator(formatter.pad_id, packed),
-        head_lr=cfg.train.head_lr,
-        label_smoothing=cfg.train.label_smoothing,
-    )
+    if cfg.train.objective == "bradley_terry":
+        pairs, ties = preference_dataset(formatter, train_df)
+        tie_rate = float(np.stack(train_df["target"].to_numpy())[:, 2].mean())
+        objective.update(tie_rate=tie_rate, ties_dropped=ties)
+        print(f"fold {fold}: bradley_terry trains on decisive rows: {ties} tie row(s) of {len(train_df)} left out; "
+              f"P(tie) = their share {tie_rate:.4f} at inference")
+        model = RewardModel(model.model)
+        n_sequences = 2 * len(pairs)
+        trainer = BradleyTerryTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                                      head_lr=cfg.train.head_lr)
+    else:
+        examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
+        n_sequences = len(examples)
+        trainer = PairTrainer(model=model, args=args, train_dataset=examples, data_collator=Collator(formatter.pad_id, packed),
+                              head_lr=cfg.train.head_lr, label_smoothing=cfg.train.label_smoothing)
     start = time.time()
     if rank == 0:
-        print(f"fold {fold}: training on {len(train_df)} rows ({len(examples)} sequences) -> {run_dir_for(cfg, fold)}"
+        print(f"fold {fold}: training on {len(train_df)} rows ({n_sequences} sequences) -> {run_dir_for(cfg, fold)}"
               + (f", data-parallel over {world} processes" if world > 1 else ""))
         if checkpoint is not None:
             print(f"fold {fold}: resuming from {checkpoint} (resume=auto; overwrite=true starts afresh)")
@@ -280,14 +244,10 @@ def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFra
     if world > 1:
         print(f"fold {fold}: rank {rank}/{world} done, {trainer.state.global_step} optimizer steps")
     if rank == 0:
-        if "wandb" in cfg.train.report_to:
-            import wandb
-
-            wandb.finish()  # otherwise the next fold's Trainer logs into this fold's wandb run
         n_extra = int((train_df["fold"] == EXTRA_FOLD).sum())
-        counts = {"train": len(train_df), "extra": n_extra, "valid": valid_rows, "sequences": len(examples)}
+        counts = {"train": len(train_df), "extra": n_extra, "valid": valid_rows, "sequences": n_sequences}
         training = {"seconds": round(time.time() - start, 1), "loss_curve": curve}
-        save_run(work, cfg, model, tokenizer, formatter, fold, counts, origin, settings, training)
+        save_run(work, cfg, model, tokenizer, formatter, fold, counts, origin, settings, training, objective)
         shutil.rmtree(work / "trainer", ignore_errors=True)  # only once the sealed adapter can replace them
     del trainer, model
     gc.collect()

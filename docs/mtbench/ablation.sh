@@ -2,7 +2,7 @@
 # Every number in README "Results on real human votes": MT-Bench human votes, 5 folds grouped by
 # question, SmolLM2-135M-Instruct. Each row is `python -m train` / `python -m infer` with overrides.
 # Usage (one GPU; the runs of a phase share it side by side):
-#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|combine|all
+#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|objective|combine|all
 # DATA_DIR holds mtbench_human.csv and alpacaeval_gpt4.csv.gz (../shared/data in this workspace).
 # PYTHON names the interpreter (default: python). A finished fold is reused when a phase is rerun.
 set -euo pipefail
@@ -13,9 +13,10 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/length" ] || $PY -m train.length csv="$MT" folds="$RUNS/mtbench-folds.csv" out="$RUNS/length"
 
 MTB="data.train_csv=$MT data.folds_csv=$RUNS/mtbench-folds.csv output_dir=$RUNS fold=all"
-mt() {  # mt NAME SEED overrides...: one 5-fold MT-Bench run in the background, log in RUNS/NAME-seedS.log
+mt() {  # mt NAME SEED overrides...: one 5-fold MT-Bench run in the background, log in RUNS/NAME-seedS[-foldK].log
   local name=$1 seed=$2; shift 2
-  $PY -m train configs/smollm2-mtbench.yaml name="$name" seed="$seed" $MTB "$@" > "$RUNS/$name-seed$seed.log" 2>&1 &
+  local log=$RUNS/$name-seed$seed$(printf '%s\n' "$@" | sed -n 's/^fold=\([0-9]\)$/-fold\1/p').log
+  $PY -m train configs/smollm2-mtbench.yaml name="$name" seed="$seed" $MTB "$@" > "$log" 2>&1 &
 }
 
 case $PHASE in plain|all)
@@ -28,6 +29,17 @@ case $PHASE in ablate|all)
   mt plain-noswap 42 train.swap_aug=false
   mt plain-len512 42 format.max_length=512
   wait ;; esac
+case $PHASE in objective|all)
+  # The 3-class head against a Bradley-Terry reward model (trl RewardTrainer, train.objective=bradley_terry),
+  # on every vote and on the decisive votes alone (same folds: the decisive rows keep their question's fold).
+  # Each fold runs in its own process, all side by side; fold=all then reuses them and prints the CV table.
+  DEC=$RUNS/mtbench-decisive.csv
+  [ -f "$DEC" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); d[d.winner_tie == 0].to_csv(sys.argv[2], index=False)" "$MT" "$DEC"
+  specs=("plain" "bt train.objective=bradley_terry" "plain-decisive data.train_csv=$DEC"
+         "bt-decisive data.train_csv=$DEC train.objective=bradley_terry")  # NAME then its overrides
+  for k in 0 1 2 3 4; do for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}" fold=$k; done; done
+  wait
+  for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}"; wait; done ;; esac
 case $PHASE in prestage|all)
   # AlpacaEval (GPT-4 judge) pre-stage, then the MT-Bench folds start from it (train.init_from)
   [ -f "$RUNS/alpaca-folds.csv" ] || $PY -m data.folds csv="$AE" out="$RUNS/alpaca-folds.csv" n_folds=20
