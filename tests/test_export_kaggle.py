@@ -65,6 +65,21 @@ def pip_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(bundled[-1])}
 
 
+def test_an_exported_run_that_differs_from_its_source_is_refused(member, tmp_path, monkeypatch):
+    import train.export
+
+    original = train.export.copy_run
+
+    def copy_then_change(src, dst, manifest):
+        original(src, dst, manifest)
+        (dst / "oof.csv").write_text((dst / "oof.csv").read_text() + "\n")
+
+    monkeypatch.setattr(train.export, "copy_run", copy_then_change)
+    with pytest.raises(train.export.ExportError, match="files differ from the source run"):
+        export_main([f"runs={member}", f"dataset_id={DATASET_ID}", f"out={tmp_path / 'out'}", "verify_rows=0"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_round_trips(exported, member):
     run = exported / "members" / "tiny-llama" / "fold0-seed42"
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "manifest.json", "metrics.json", "oof.csv",

@@ -32,13 +32,8 @@ class WheelError(UserError, ValueError):
 
 
 def project_meta(repo: Path = REPO) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise WheelError("reading pyproject.toml needs Python >= 3.11 or `pip install tomli`") from None
+    import tomllib
+
     raw = tomllib.loads((repo / "pyproject.toml").read_text())
     project, tools = raw["project"], raw.get("tool", {}).get("setuptools", {})
     return {

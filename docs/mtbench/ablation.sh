@@ -35,9 +35,13 @@ case $PHASE in objective|all)
   # Each fold runs in its own process, all side by side; fold=all then reuses them and prints the CV table.
   DEC=$RUNS/mtbench-decisive.csv
   [ -f "$DEC" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); d[d.winner_tie == 0].to_csv(sys.argv[2], index=False)" "$MT" "$DEC"
-  specs=("plain" "bt train.objective=bradley_terry" "plain-decisive data.train_csv=$DEC"
-         "bt-decisive data.train_csv=$DEC train.objective=bradley_terry")  # NAME then its overrides
-  for k in 0 1 2 3 4; do for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}" fold=$k; done; done
+  specs=("bt train.objective=bradley_terry" "bt-decisive data.train_csv=$DEC train.objective=bradley_terry"
+         "plain-decisive data.train_csv=$DEC" "plain")  # NAME then its overrides
+  # At most PAR folds at once: a SmolLM2 fold at batch 16 x 1024 tokens takes 10-25 GB of GPU memory.
+  for spec in "${specs[@]}"; do for k in 0 1 2 3 4; do
+    while [ "$(jobs -rp | wc -l)" -ge "${PAR:-8}" ]; do wait -n || true; done
+    set -- $spec; mt "$1" 42 "${@:2}" fold=$k
+  done; done
   wait
   for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}"; wait; done ;; esac
 case $PHASE in prestage|all)
