@@ -189,8 +189,30 @@ def test_kaggle_entry_end_to_end(exported, installed, tiny_llama, tmp_path):
     np.testing.assert_allclose(sub[list(LABEL_COLS)].to_numpy(), ref[list(LABEL_COLS)].to_numpy(), atol=1e-6, rtol=0)
 
 
-def test_merge_folds_averages_adapters(member, tmp_path):
-    """A second 'fold' (perturbed copy) merged with the first: tensors are the element-wise mean, parity stored."""
+def test_merged_lora_holds_the_mean_of_the_fold_updates_exactly():
+    import torch
+    from train.export import merge_lora_exactly, update_gap
+
+    gen = torch.Generator().manual_seed(0)
+    key_a, key_b, head = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight", "base_model.model.score.weight"
+    folds = [{key_a: torch.randn(4, 16, generator=gen), key_b: torch.randn(8, 4, generator=gen),
+              head: torch.randn(3, 8, generator=gen)} for _ in range(5)]
+    lora = {"r": 4, "lora_alpha": 8, "use_rslora": False}
+    merged, cfg = merge_lora_exactly(folds, lora)
+    assert cfg["r"] == 20 and cfg["lora_alpha"] / cfg["r"] == lora["lora_alpha"] / lora["r"]  # same scale s
+    mean_update = sum(f[key_b] @ f[key_a] for f in folds) / 5
+    torch.testing.assert_close(merged[key_b] @ merged[key_a], mean_update, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged[head], sum(f[head] for f in folds) / 5)
+    assert update_gap(folds, merged) < 1e-5
+    # what element-wise averaging writes is another update altogether
+    naive = (sum(f[key_b] for f in folds) / 5) @ (sum(f[key_a] for f in folds) / 5)
+    assert (naive - mean_update).abs().max() > 0.5
+    _, rs = merge_lora_exactly(folds, {**lora, "use_rslora": True})
+    assert rs["lora_alpha"] / rs["r"] ** 0.5 == pytest.approx(lora["lora_alpha"] / lora["r"] ** 0.5)
+
+
+def test_merge_folds_exports_one_adapter_of_rank_k_r(member, tmp_path):
+    """Two folds (the second a perturbed copy) merged: rank 2r, the update gap ~0, the gap to the fold ensemble stored."""
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "tiny-llama"
@@ -207,14 +229,26 @@ def test_merge_folds_averages_adapters(member, tmp_path):
     export_main([f"runs={folder}", f"dataset_id={DATASET_ID}", f"out={out}", "--merge-folds", "verify_rows=4"])
     dataset_manifest = json.loads((out / MANIFEST).read_text())
     assert dataset_manifest["members"]["tiny-llama"]["predict"] == ["merged"]
-    parity = dataset_manifest["merge"]["tiny-llama"]["parity"]
-    assert parity["rows"] == 4 and 0 <= parity["mean_abs_prob_diff"] <= parity["max_abs_prob_diff"] < 1
+    merge = dataset_manifest["merge"]["tiny-llama"]
+    r = json.loads((folder / "fold0-seed42/adapter/adapter_config.json").read_text())["r"]
+    assert merge["rank"] == 2 * r and merge["max_abs_update_gap"] < 1e-5
+    gap = merge["vs_fold_ensemble"]
+    assert gap["rows"] == 4 and 0 <= gap["mean_abs_prob_diff"] <= gap["max_abs_prob_diff"] < 1
     merged = load_file(out / "members/tiny-llama/merged" / ADAPTER)
     first = load_file(folder / "fold0-seed42" / ADAPTER)
-    for key, value in merged.items():
-        assert np.allclose(value.numpy(), (first[key].numpy() + tensors[key].numpy()) / 2, atol=1e-7), key
-    head = next(v for k, v in merged.items() if k.endswith("score.weight"))
-    assert dataset_manifest["runs"]["members/tiny-llama/merged"]["head_sha256"] == head_checksum(head)
+    head = next(k for k in merged if k.endswith("score.weight"))
+    assert np.allclose(merged[head].numpy(), (first[head].numpy() + tensors[head].numpy()) / 2, atol=1e-7)
+    assert dataset_manifest["runs"]["members/tiny-llama/merged"]["head_sha256"] == head_checksum(merged[head])
+
+
+def test_merging_identical_folds_gives_the_fold_itself(member, tmp_path):
+    """K copies of one fold: the mean update is that fold's, so the merged model scores as the fold does."""
+    folder = tmp_path / "tiny-llama"
+    shutil.copytree(member, folder)
+    shutil.copytree(folder / "fold0-seed42", folder / "fold1-seed42")
+    out = tmp_path / "export"
+    export_main([f"runs={folder}", f"dataset_id={DATASET_ID}", f"out={out}", "--merge-folds", "verify_rows=6"])
+    assert json.loads((out / MANIFEST).read_text())["merge"]["tiny-llama"]["vs_fold_ensemble"]["max_abs_prob_diff"] < 1e-5
 
 
 def test_recipe_export_and_entry(member, exported, tiny_llama, tmp_path):
