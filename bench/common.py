@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import torch
 
 from cli.config import ConfigError, opt
-from model.factory import HEAD, NUM_LABELS
-from model.settings import ModelConfig
+from infer.scoring import plan_batches, score_batches
+from model.factory import HEAD, NUM_LABELS, PooledClassifier
+from model.packing import make_inputs
+from model.settings import InferSettings, ModelConfig
 
 ROWS_25K = 25_000
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj"]
@@ -36,6 +39,8 @@ class BenchConfig:
     fp8: bool = opt(True, "speed/exact: also run infer.fp8=true (skipped on GPUs below compute capability 8.9)")
     uncompiled: bool = opt(False, "speed: also time the packed path without compile_layers (its first batch compiles flex attention alone: minutes)")
     profile: bool = opt(False, "speed: also print the top GPU kernels of the default path (torch.profiler)")
+    t4_mode: bool = opt(False, "speed/exact: the Kaggle T4 path only (bench/infer_t4.py): fp16, 15 GiB per process, "
+                               "SDPA mem-efficient/math, no flex/compile/bf16/fp8; seed baseline in the same mode")
 
 
 def arch_config(name: str):
@@ -101,3 +106,29 @@ def result_table(results: list[dict], columns: list[tuple[str, str, int, str]], 
         cells = (format(r[key], fmt) if r.get(key) is not None else "-" for _, key, _, fmt in columns)
         lines.append(head + " " + " ".join(f"{c:>{w}}" for c, (_, _, w, _) in zip(cells, columns)))
     return "\n".join(lines)
+
+
+def repo_scorer(model: PooledClassifier, layout: str, budget: int):
+    def score(rows):
+        batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
+        return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cuda"))[1]
+    return score
+
+
+def seed_scorer(model):
+    """The seed notebook's loop: sorted rows, batches of 4 padded to the longest, fp16 autocast, HF pooling."""
+    def score(rows):
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        batches = [[rows[i] for i in order[k : k + 4]] for k in range(0, len(order), 4)]
+        stats = {"first_batch_s": 0.0, "steady_tokens": 0, "tokens": 0}
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            for k, batch in enumerate(batches):
+                inputs = make_inputs(batch, 0, "padded", 0)
+                model(**{n: t.cuda() for n, t in inputs.items()}).logits.float().cpu()
+                if k == 0:
+                    start = time.perf_counter()
+                else:
+                    stats["steady_tokens"] += sum(map(len, batch))
+        stats["steady_s"] = time.perf_counter() - start
+        return stats
+    return score

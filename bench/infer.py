@@ -21,6 +21,11 @@ also the fp8 path against the bf16 fast path.
 scaling: the same random Gemma-2/Llama run folder scored by 1 worker and by `gpus` workers through
 infer.scoring's worker split; tokens/s and whether the logits are identical.
 attn: flex-attention tile options on one packed batch with each model's attention shapes.
+t4_mode=true (speed, exact): the Kaggle T4 path measured here (bench/infer_t4.py): fp16 only, each process
+capped at 15 GiB, SDPA limited to mem-efficient/math, no flex/Triton/compile/bf16/fp8; the seed baseline
+runs in the same mode in the same run; rows: seed, 8-bit (Kaggle now), int8 W8A8 (eager; Gemma-2 also
+SDPA without soft-capping), fp16 2-GPU layer split measured one stage on one GPU (stage rate / 2). One command:
+    python -m bench.infer out=bench-t4 t4_mode=true tasks=speed,exact max_lengths=2048
 The quantised rows need bitsandbytes (a CUDA build). Prints a table last and writes bench-<task>.json under out.
 """
 from __future__ import annotations
@@ -29,23 +34,22 @@ import gc
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.common import (REPO_TARGETS, ROWS_25K, SEED_TARGETS, BenchConfig, arch_config, fp8_capable,
-                          non_embedding_params, random_lora, random_rows, result_table)
+                          non_embedding_params, random_lora, random_rows, repo_scorer, result_table, seed_scorer)
 from cli.config import ConfigError, cli_config
 from infer.scoring import plan_batches, prepare, score_batches
 from model import packing
 from model.factory import PooledClassifier, head_to_fp32
-from model.packing import make_inputs
 from model.settings import InferSettings
 
-def matmul_tflops() -> float:
-    a, b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16) -> float:
+    a, b = torch.randn(8192, 8192, device="cuda", dtype=dtype), torch.randn(8192, 8192, device="cuda", dtype=dtype)
     for _ in range(5):
         a @ b
     times = []
@@ -73,32 +77,6 @@ def measure(name: str, score, rows: list[list[int]]) -> dict:
               "peak_gb": torch.cuda.max_memory_allocated() / 2**30, **stats}
     print(f"  {name}: {tokens_per_s:,.0f} tokens/s, peak {result['peak_gb']:.1f} GB, first batch {stats['first_batch_s']:.1f} s")
     return result
-
-
-def repo_scorer(model: PooledClassifier, layout: str, budget: int):
-    def score(rows):
-        batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
-        return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cuda"))[1]
-    return score
-
-
-def seed_scorer(model):
-    """The seed notebook's loop: sorted rows, batches of 4 padded to the longest, fp16 autocast, HF pooling."""
-    def score(rows):
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        batches = [[rows[i] for i in order[k : k + 4]] for k in range(0, len(order), 4)]
-        stats = {"first_batch_s": 0.0, "steady_tokens": 0, "tokens": 0}
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-            for k, batch in enumerate(batches):
-                inputs = make_inputs(batch, 0, "padded", 0)
-                model(**{n: t.cuda() for n, t in inputs.items()}).logits.float().cpu()
-                if k == 0:
-                    start = time.perf_counter()
-                else:
-                    stats["steady_tokens"] += sum(map(len, batch))
-        stats["steady_s"] = time.perf_counter() - start
-        return stats
-    return score
 
 
 def quantised_rows(cfg: BenchConfig, arch: str, workdir: Path, first: int, padded_attn: str, add) -> None:
@@ -132,10 +110,38 @@ def kernel_profile(model: PooledClassifier, rows: list[list[int]], budget: int) 
 
 
 def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dict) -> list[dict]:
-    from transformers import AutoModelForSequenceClassification
-
     config = arch_config(arch)
     lengths = {m: random_rows(cfg.rows, m, config.vocab_size) for m in cfg.max_lengths}
+    results = []
+
+    def add(name, score, max_length, **extra):
+        print(f"{arch} max_length {max_length}:")
+        result = measure(name, score, lengths[max_length])
+        results.append({"model": arch, "max_length": max_length, **extra, **result})
+        (Path(cfg.out) / f"bench-speed-{arch}.partial.json").write_text(json.dumps(results, indent=1))
+
+    add.failed = lambda name, error: results.append({"model": arch, "max_length": cfg.max_lengths[0], "variant": name, "error": error})
+    if cfg.t4_mode:
+        from bench.infer_t4 import t4_speed
+
+        flops_per_token = t4_speed(cfg, arch, workdir, add, lengths)
+    else:
+        flops_per_token = bf16_rows(cfg, arch, workdir, config, lengths, add, profiles)
+    shutil.rmtree(workdir / arch, ignore_errors=True)
+    for r in results:
+        base_rate = next((b.get("tokens_per_s") for b in results if b.get("baseline") and b["max_length"] == r["max_length"]), None)
+        if "tokens_per_s" in r:
+            mean_len = sum(map(len, lengths[r["max_length"]])) / cfg.rows
+            r.update(tflops=r["tokens_per_s"] * flops_per_token / 1e12, pct_bf16_peak=100 * r["tokens_per_s"] * flops_per_token / 1e12 / peak,
+                     minutes_25k=ROWS_25K * mean_len / r["tokens_per_s"] / 60, minutes_25k_tta=2 * ROWS_25K * mean_len / r["tokens_per_s"] / 60,
+                     vs_baseline=r["tokens_per_s"] / base_rate if base_rate else None)
+    return results
+
+
+def bf16_rows(cfg: BenchConfig, arch: str, workdir: Path, config, lengths: dict, add, profiles: dict) -> int:
+    """The speed task's rows (bf16/fp8 fast paths, then the seed and NF4 rows); returns FLOPs per token."""
+    from transformers import AutoModelForSequenceClassification
+
     padded_attn = "eager" if arch == "gemma2" else "sdpa"  # the repo's `auto` rule
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -146,13 +152,6 @@ def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dic
     head_to_fp32(base)
     model = PooledClassifier(random_lora(base, REPO_TARGETS))
     first = cfg.max_lengths[0]
-    results = []
-
-    def add(name, score, max_length, **extra):
-        print(f"{arch} max_length {max_length}:")
-        result = measure(name, score, lengths[max_length])
-        results.append({"model": arch, "max_length": max_length, **extra, **result})
-        (Path(cfg.out) / f"bench-speed-{arch}.partial.json").write_text(json.dumps(results, indent=1))
 
     add("repo bf16 padded, LoRA unmerged", repo_scorer(model, "padded", cfg.token_budget), first)
     model.base.config._attn_implementation = packing.register()
@@ -179,23 +178,15 @@ def speed(cfg: BenchConfig, arch: str, workdir: Path, peak: float, profiles: dic
         quantised_rows(cfg, arch, workdir, first, padded_attn, add)
     except Exception as err:  # e.g. bitsandbytes missing: keep the bf16 numbers
         print(f"{arch}: quantised rows FAILED {type(err).__name__}: {err}")
-        results.append({"model": arch, "max_length": first, "variant": "quantised rows", "error": f"{type(err).__name__}: {err}"})
-    shutil.rmtree(workdir / arch, ignore_errors=True)
-    for r in results:
-        base_rate = next((b.get("tokens_per_s") for b in results if b.get("baseline") and b["max_length"] == r["max_length"]), None)
-        if "tokens_per_s" in r:
-            mean_len = sum(map(len, lengths[r["max_length"]])) / cfg.rows
-            r.update(tflops=r["tokens_per_s"] * flops_per_token / 1e12, pct_bf16_peak=100 * r["tokens_per_s"] * flops_per_token / 1e12 / peak,
-                     minutes_25k=ROWS_25K * mean_len / r["tokens_per_s"] / 60, minutes_25k_tta=2 * ROWS_25K * mean_len / r["tokens_per_s"] / 60,
-                     vs_baseline=r["tokens_per_s"] / base_rate if base_rate else None)
-    return results
+        add.failed("quantised rows", f"{type(err).__name__}: {err}")
+    return flops_per_token
 
 
-def speed_table(results: list[dict], device: str, peak: float) -> str:
+def speed_table(results: list[dict], device: str, peak: float, dtype: str = "bf16") -> str:
     columns = [("tok/s", "tokens_per_s", 8, ",.0f"), ("rows/s", "rows_per_s", 7, ".1f"), ("TFLOP/s", "tflops", 8, ".0f"),
                ("%peak", "pct_bf16_peak", 6, ".1f"), ("min/25k", "minutes_25k", 8, ".1f"), ("+TTA", "minutes_25k_tta", 7, ".1f"),
                ("peak GB", "peak_gb", 8, ".1f"), ("x base", "vs_baseline", 7, ".2f")]
-    return f"{device}; bf16 matmul {peak:.0f} TFLOP/s (8192^3, median of 20)\n" + result_table(results, columns, 68)
+    return f"{device}; {dtype} matmul {peak:.0f} TFLOP/s (8192^3, median of 20)\n" + result_table(results, columns, 68)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         tables.append("\n".join(f"attention {r['model']} {r['options']}: " + (f"{r['ms']:.2f} ms (compile {r['compile_s']:.0f} s, "
                                 f"max |diff| {r['max_abs_vs_default']:.1e})" if "ms" in r else r["error"][:120]) for r in results))
     if "exact" in cfg.tasks:
-        results = exact(cfg)
+        from bench.infer_t4 import t4_exact
+
+        results = t4_exact(cfg) if cfg.t4_mode else exact(cfg)
         (out / "bench-exact.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
         lines = [f"{'dtype':<9} {'path':<26} {'against':<17} {'max |dp|':>9} {'mean |dp|':>10}"]
         lines += [f"{r['dtype']:<9} {r['path']:<26} {r['against']:<17} {r['max_abs']:>9.2e} {r['mean_abs']:>10.2e}" for r in results]
@@ -232,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
                                 + (f" = {r['scaling']:.2f}x, identical logits: {r['identical_to_1_gpu']}" if "scaling" in r else "")
                                 for r in results))
     if "speed" in cfg.tasks:
-        peak = matmul_tflops()
+        peak = matmul_tflops(torch.float16 if cfg.t4_mode else torch.bfloat16)  # T4 mode: %peak is of the fp16 rate
         results, profiles = [], {}
         for arch in cfg.models:
             results += speed(cfg, arch, workdir, peak, profiles)
             (out / "bench-speed.json").write_text(json.dumps({"device": device, "bf16_tflops": peak, "results": results,
                                                               "kernel_profiles": profiles}, indent=1))
-        tables.append(speed_table(results, device, peak))
+        tables.append(("T4 mode (fp16 only, 15 GiB per process, SDPA mem-efficient/math, no flex/compile/bf16/fp8)\n"
+                       if cfg.t4_mode else "") + speed_table(results, device, peak, "fp16" if cfg.t4_mode else "bf16"))
     print("\n\n".join(tables))
 
 

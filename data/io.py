@@ -32,6 +32,8 @@ TRAIN_COLS = ("id", *TEXT_COLS, *LABEL_COLS)
 TEST_COLS = ("id", *TEXT_COLS)
 # Swapping A and B maps class [a wins, b wins, tie] -> [b wins, a wins, tie].
 SWAP_PERM = [1, 0, 2]
+# Optional per-row training weight (pseudo-labels: python -m train.pseudo); rows without it weigh 1.
+WEIGHT_COL = "weight"
 
 
 class DataError(UserError, ValueError):
@@ -98,6 +100,7 @@ def read_competition_csv(
     soft_labels: accept fractional winner columns that sum to 1 (pseudo-labels) instead of one-hot.
     drop_hint: how the caller's CLI spells "drop bad rows", quoted in the error message.
     Returns the frame (extra columns kept, `label` = int class, `target` = 3 floats) and the report.
+    A `weight` column (WEIGHT_COL) of a labelled file is read as a finite number >= 0 per row.
     """
     path = Path(path)
     df = read_checked_csv(path, ["id", *TEXT_COLS], what="competition CSV", dtype={c: "str" for c in TEXT_COLS},
@@ -140,6 +143,13 @@ def read_competition_csv(
             bad.add(pos)
         df["target"] = list(target)
         df["label"] = target.argmax(1)
+        if WEIGHT_COL in df.columns:
+            weight = pd.to_numeric(df[WEIGHT_COL], errors="coerce").to_numpy(dtype=float)
+            for pos in np.flatnonzero(~np.isfinite(weight) | (weight < 0)):
+                errors.append(f"{path}: row id={df['id'].iloc[pos]} field {WEIGHT_COL}: must be a finite number >= 0, "
+                              f"got {df[WEIGHT_COL].iloc[pos]!r}")
+                bad.add(pos)
+            df[WEIGHT_COL] = weight
 
     if errors and not drop_bad_rows:
         shown = "\n  ".join(errors[:20])

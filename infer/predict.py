@@ -11,7 +11,8 @@ token-budget batches, spread over N workers (one per GPU, or N CPU processes) by
 scored. `infer.KEY=VALUE` overrides the inference settings each run saved (the ones its OOF was
 scored with), key by key. On Ampere or newer GPUs batches are packed (rows end to end, no padding,
 attention kept inside each row: model/packing.py) and LoRA is merged into bf16/fp16 weights; on
-CPU and T4 rows are right-padded (infer.layout=packed|padded overrides). Swap TTA scores each row a
+CPU and T4 rows are right-padded (infer.layout=packed|padded overrides); on compute capability 7.x
+(or infer.profile=t4) only sm75 kernels run (model/hardware.py prints what was chosen and why). Swap TTA scores each row a
 second time with A and B exchanged. Everything is merged by id (never by position): swapped
 probabilities are permuted back, TTA passes and runs are averaged, rows are renormalised to sum to
 1. With winner columns present the log loss is printed; with `sample_submission` the output
@@ -33,8 +34,8 @@ from data.io import LABEL_COLS, SWAP_PERM, DataError, read_competition_csv, read
 from infer.length import ABSENT_CLASS_PROB
 from infer.metrics import log_loss, softmax
 from infer.scoring import plan_batches, run_shares, split_batches, unbatch
-from model.factory import pick_device
-from model.packing import resolve_layout
+from model.factory import base_model_type, pick_device
+from model.hardware import device_capability, resolve_components
 from model.run import Run, load_run
 from model.settings import InferSettings
 from model.tokens import encode_rows
@@ -74,20 +75,22 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
         ids += df["id"].tolist()
     lengths = list(map(len, seqs))
     device = pick_device(run.infer.device)
-    layout = resolve_layout(run.infer.layout, device)
-    batches, costs = plan_batches(lengths, run.infer, layout)
+    components = resolve_components(device_capability(device), base_model_type(run.model), run.model, run.infer)
+    print(f"{run.path}: {components.describe()}\n  " + "\n  ".join(components.notes))
+    layout = components.layout
+    batches, costs = plan_batches(lengths, components.infer, layout)
     n_workers = run.infer.workers or (torch.cuda.device_count() if device.type == "cuda" else 1)
     if device.type == "cuda" and n_workers > torch.cuda.device_count():
         raise ConfigError(f"infer.workers={n_workers} but only {torch.cuda.device_count()} GPU(s) are visible")
     shares = [s for s in split_batches(batches, costs, n_workers) if s]
-    results = run_shares(run.path, run.model, run.infer, [[[seqs[i] for i in b] for b in share] for share in shares],
+    results = run_shares(run.path, components.model, components.infer, [[[seqs[i] for i in b] for b in share] for share in shares],
                          formatter.pad_id, layout, device.type)
     logits = unbatch([b for share in shares for b in share], [p for parts, _ in results for p in parts], len(seqs))
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise ScoringError(
             f"{run.path}: non-finite logits for {bad.sum()} row(s), ids {sorted(set(np.asarray(ids)[bad].tolist()))[:10]}; "
-            f"with compute_dtype={run.model.compute_dtype} this is usually fp16 overflow: try infer.compute_dtype=bfloat16 or float32"
+            f"with compute_dtype={components.model.compute_dtype} this is usually fp16 overflow: try infer.compute_dtype=bfloat16 or float32"
         )
     if reward:
         rewards = logits[:, 0].astype(np.float64)

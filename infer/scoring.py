@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from model.factory import PooledClassifier, compile_layers, merge_lora
 from model.fp8 import to_fp8
+from model.hardware import SDPA_T4_BACKENDS, sdpa_backends, t4_memory_cap
+from model.int8 import to_int8
 from model.packing import make_inputs, pack_rows
 from model.run import load_model
 from model.settings import InferSettings, ModelConfig
@@ -56,10 +58,13 @@ def split_batches(batches: list[list[int]], costs: list[int], n_workers: int) ->
 
 
 def prepare(model: PooledClassifier, infer: InferSettings, layout: str) -> list[str]:
-    """Inference-only speed-ups on a loaded model; returns what was done, for the log."""
+    """Inference-only speed-ups on a loaded model (merged LoRA, fp8 or int8 projections, compiled layers);
+    returns what was done, for the log."""
     done = [merge_lora(model)] if infer.merge_lora else ["LoRA kept unmerged (infer.merge_lora=false)"]
     if infer.fp8:
         done.append(to_fp8(model))
+    if infer.int8:
+        done.append(to_int8(model))
     if infer.compile and layout == "packed":
         compile_layers(model)
         done.append("decoder layers compiled")
@@ -115,9 +120,18 @@ def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, b
     else:
         torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
     infer = InferSettings(**infer_cfg)
-    model = load_model(Path(run_path), ModelConfig(**model_cfg), dev, pad_id, packed=layout == "packed")
-    print(f"worker {rank} ({device}, {layout} layout): {'; '.join(prepare(model, infer, layout))}")
-    logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
+    t4 = infer.profile == "t4"  # resolved by model.hardware.resolve_components: only sm75 kernels
+    capped = t4_memory_cap(dev) if t4 else ""
+    # int8 on a GPU: the fp16 base (18.5 GB for Gemma-2 9B) need not fit the card; merge and quantise on the CPU first
+    load_dev = torch.device("cpu") if infer.int8 and dev.type == "cuda" else dev
+    model = load_model(Path(run_path), ModelConfig(**model_cfg), load_dev, pad_id, packed=layout == "packed")
+    done = prepare(model, infer, layout) + [capped] * bool(capped)
+    if load_dev != dev:
+        model.to(dev)
+        done.append(f"moved to {dev} after quantising")
+    print(f"worker {rank} ({device}, {layout} layout): {'; '.join(done)}")
+    with sdpa_backends(SDPA_T4_BACKENDS if t4 else ()):
+        logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
     if len(batches) > 1:  # the first batch carries compilation and warm-up: the rate is the rest's
         print(f"worker {rank}: {stats['tokens']} tokens in {len(batches)} batches; first batch {stats['first_batch_s']:.1f} s, "
               f"then {stats['steady_tokens'] / max(stats['steady_s'], 1e-9):,.0f} tokens/s")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cli.config import ConfigError
-from model import packing
+from model import hardware, packing
 from model.files import AdapterError
 from model.gguf import dequantised
 from model.settings import DTYPES, ModelConfig
@@ -64,6 +64,13 @@ def base_folder(cfg: ModelConfig) -> Path:
     """The folder transformers loads the base from: model.path, or for a GGUF base its dequantised copy (model.gguf)."""
     folder = resolve_path(cfg.path)
     return dequantised(folder, cfg.gguf_file) if cfg.gguf_file else folder
+
+
+def base_model_type(cfg: ModelConfig) -> str:
+    """The base's config.json model_type (gemma2, llama, ...), without loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base_folder(cfg), local_files_only=True).model_type
 
 
 def pick_device(device: str) -> torch.device:
@@ -119,15 +126,18 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if cfg.quantization != "none" or device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    attn = cfg.attn_implementation
+    config = AutoConfig.from_pretrained(path, local_files_only=True, num_labels=num_labels)
+    if not cfg.attn_softcapping and getattr(config, "attn_logit_softcapping", None) is not None:
+        config.attn_logit_softcapping = None  # model.attn_softcapping=false: training and inference alike
     if packed:
         attn = packing.register()
-    elif attn == "auto":
-        model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
-        attn = "eager" if model_type == "gemma2" else "sdpa"
+    else:
+        attn, _ = hardware.padded_attention(config.model_type, cfg)
+        if attn == "sdpa" and config.model_type == "gemma2":  # declares no SDPA support, for the cap it no longer has
+            attn = hardware.register_sdpa_alias()
     with dropped_log("transformers.modeling_utils", "LOAD REPORT") if head_restored else contextlib.nullcontext():
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, attn_implementation=attn, local_files_only=True, **kwargs
+            path, config=config, attn_implementation=attn, local_files_only=True, **kwargs
         )
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
@@ -217,6 +227,29 @@ def merge_lora(model: PooledClassifier) -> str:
     if not torch.equal(getattr(model.base, HEAD).weight, head):
         raise AdapterError("merging LoRA changed the classification head")
     return "LoRA merged into the base weights"
+
+
+def replace_projections(model: PooledClassifier, wrap, setting: str) -> int:
+    """Every plain nn.Linear of the decoder layers replaced by wrap(linear) (infer.fp8, infer.int8), on an
+    unquantised base with LoRA merged; returns how many. Embeddings, norms, attention and the head stay."""
+    from peft import PeftModel
+
+    base = model.base
+    if isinstance(model.model, PeftModel):
+        raise ConfigError(f"{setting}=true needs LoRA merged into the base first: infer.merge_lora=true on an "
+                          "unquantised base (model.quantization=none; infer predict: infer.merge_lora=true "
+                          "infer.quantization=none)")
+    if is_quantised(base):
+        raise ConfigError(f"{setting}=true needs an unquantised base, not 4/8-bit bitsandbytes weights "
+                          "(model.quantization=none; infer predict: infer.quantization=none)")
+    count = 0
+    for layer in getattr(base, base.base_model_prefix).layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:  # exact type: subclasses (bnb, LoRA wrappers) were refused above
+                    setattr(parent, name, wrap(child))
+                    count += 1
+    return count
 
 
 def compile_layers(model: PooledClassifier, dynamic: bool | None = False) -> None:

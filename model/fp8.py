@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cli.config import ConfigError
-from model.factory import is_quantised
+from model.factory import replace_projections
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -75,26 +75,10 @@ def check_fp8_device(device: torch.device, dtype: torch.dtype) -> str:
 
 def to_fp8(model) -> str:
     """Put a PooledClassifier's decoder projections in fp8 (after merge_lora); returns what was done."""
-    from peft import PeftModel
-
-    base = model.base
-    if isinstance(model.model, PeftModel):
-        raise ConfigError("infer.fp8=true needs LoRA merged into the base first: infer.merge_lora=true on an "
-                          "unquantised base (model.quantization=none; infer predict: infer.merge_lora=true "
-                          "infer.quantization=none)")
-    if is_quantised(base):
-        raise ConfigError("infer.fp8=true needs an unquantised base, not 4/8-bit weights "
-                          "(model.quantization=none; infer predict: infer.quantization=none)")
-    backbone = getattr(base, base.base_model_prefix)
+    backbone = getattr(model.base, model.base.base_model_prefix)
     embedding = backbone.get_input_embeddings().weight
     note = check_fp8_device(embedding.device, embedding.dtype)
-    count = 0
-    for layer in backbone.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:  # exact type: subclasses (bnb, LoRA wrappers) were refused above
-                    setattr(parent, name, Fp8Linear(child))
-                    count += 1
+    count = replace_projections(model, Fp8Linear, "infer.fp8")
     if count == 0 and not any(isinstance(m, Fp8Linear) for m in backbone.modules()):
         raise ConfigError("infer.fp8=true: the decoder layers hold no nn.Linear projections to convert")
     done = f"{count} decoder projections in fp8 e4m3" if count else "decoder projections already in fp8"

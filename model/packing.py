@@ -24,19 +24,6 @@ ATTN = "arena_packed"
 LAYOUTS = ("auto", "packed", "padded")
 
 
-def resolve_layout(layout: str, device: torch.device) -> str:
-    """auto: packed on GPUs with compute capability >= 8.0 (Ampere+), whose Triton kernels flex
-    attention needs; padded on CPU (unfused flex attention would materialise width^2 scores) and
-    on older GPUs such as Kaggle's T4."""
-    if layout not in LAYOUTS:
-        raise ConfigError(f"infer.layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout != "auto":
-        return layout
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return "packed"
-    return "padded"
-
-
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     """Row indices grouped into bins of at most `width` tokens.
 

@@ -156,13 +156,21 @@ def publish(partial: Path, run_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def settings_diff(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two settings mappings (one line each: key: saved -> wanted)."""
-    out = []
+def settings_diff(saved: dict, wanted: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two settings mappings (one line each: key: saved -> wanted).
+
+    `defaults` (the same shape) are the settings' default values: a key the saved settings lack is no
+    difference when the wanted value is its default, since a setting added to the code after a run was
+    made defaults to what the code did before it existed.
+    """
+    out, defaults = [], defaults or {}
     for key in sorted(set(saved) | set(wanted), key=str):
         a, b = saved.get(key, "<absent>"), wanted.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_diff(a, b, f"{prefix}{key}.")
+            sub = defaults.get(key)
+            out += settings_diff(a, b, f"{prefix}{key}.", sub if isinstance(sub, dict) else None)
+        elif key not in saved and key in defaults and b == defaults[key]:
+            continue
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out

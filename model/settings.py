@@ -16,6 +16,8 @@ from model.packing import LAYOUTS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("4bit", "8bit", "none")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
+PROFILES = ("auto", "t4", "default")
 
 
 @dataclasses.dataclass
@@ -25,7 +27,10 @@ class ModelConfig:
     quantization: str = opt("4bit", "4bit (bitsandbytes NF4) | 8bit (LLM.int8) | none")
     compute_dtype: str = opt("bfloat16", "float32 | bfloat16 | float16 (T4 has no bf16: use float16 there)")
     double_quant: bool = opt(True, "4bit: also quantise the quantisation constants (saves ~0.4 bit/param)")
-    attn_implementation: str = opt("auto", "auto (eager for Gemma-2, whose soft-capping SDPA ignores; sdpa otherwise) | eager | sdpa")
+    attn_implementation: str = opt("auto", "auto (eager for Gemma-2 with attn_softcapping, which SDPA ignores; sdpa otherwise) | eager | sdpa")
+    attn_softcapping: bool = opt(True, "Gemma-2 attention logit soft-capping (tanh at 50); false sets the base's "
+                                       "attn_logit_softcapping=None in training and inference alike, so SDPA kernels "
+                                       "apply (T4: memory-efficient SDPA instead of eager); no effect on other models")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -34,6 +39,8 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (less memory, ~30% slower)")
 
     def __post_init__(self) -> None:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"model.quantization must be 4bit, 8bit or none, got {self.quantization!r}")
         if self.compute_dtype not in DTYPES:
@@ -59,6 +66,12 @@ class InferSettings:
     fp8: bool = opt(False, "fp8 e4m3 decoder projections after the LoRA merge (model/fp8.py): faster on compute "
                            "capability >= 8.9 (H100, L4) with the packed layout + compile; changes probabilities (README: Performance)")
     compile: bool = opt(True, "packed layout: torch.compile each decoder layer (first batch per worker: ~10 s Llama-3, 3-5 min Gemma-2 on a cold cache)")
+    int8: bool = opt(False, "int8 W8A8 decoder projections after the LoRA merge (model/int8.py: per-channel int8 weights, "
+                            "per-token int8 activations, torch._int_mm): the T4 weight format candidate; changes "
+                            "probabilities; needs an unquantised base (infer.quantization=none) and merge_lora")
+    profile: str = opt("auto", "kernel set: auto (t4 on GPUs of compute capability 7.x, else default) | t4 (fp16, padded, "
+                               "SDPA mem-efficient/math or eager, no flex/compile/bf16/fp8, 15 GiB per GPU; to measure "
+                               "the T4 path on a larger GPU) | default (model/hardware.py prints what was chosen and why)")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
     device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
@@ -78,6 +91,12 @@ class InferSettings:
             raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
         if self.fp8 and not self.merge_lora:
             raise ValueError("infer.fp8=true converts the merged weights: it needs infer.merge_lora=true")
+        if self.int8 and not self.merge_lora:
+            raise ValueError("infer.int8=true converts the merged weights: it needs infer.merge_lora=true")
+        if self.int8 and self.fp8:
+            raise ValueError("infer.int8=true and infer.fp8=true are two weight formats: choose one")
+        if self.profile not in PROFILES:
+            raise ValueError(f"infer.profile must be one of {PROFILES}, got {self.profile!r}")
 
 
 def inference_model(model: ModelConfig, infer: InferSettings) -> ModelConfig:
@@ -87,6 +106,9 @@ def inference_model(model: ModelConfig, infer: InferSettings) -> ModelConfig:
     resolved = dataclasses.replace(model, **{k: v for k, v in changes.items() if v})
     if infer.fp8:
         check_fp8_settings(resolved.quantization, resolved.compute_dtype)
+    if infer.int8 and resolved.quantization != "none":
+        raise ValueError(f"infer.int8=true quantises the merged fp16 weights itself: it needs an unquantised base, not "
+                         f"quantization={resolved.quantization} (set infer.quantization=none)")
     return resolved
 
 

@@ -49,3 +49,29 @@ def test_training_bench_runs_every_variant_on_a_tiny_model(tmp_path):
         assert "error" not in r, r
         assert r["steps"] == 4 and r["tokens_trained"] == every_row and r["tokens_per_s"] > 0
     assert results[0]["vs_seed"] == 1.0
+
+
+def test_t4_mode_resolves_only_sm75_components():
+    """bench.infer t4_mode=true: the rows' components are resolve_components' at capability 7.5 (no GPU run here)."""
+    from bench.infer_t4 import t4_components
+    from cli.config import cli_config
+
+    assert cli_config(BenchConfig, "", ["out=x", "t4_mode=true", "tasks=speed,exact"]).t4_mode
+    for arch, softcapping, attention in [("gemma2", True, "eager"), ("gemma2", False, "sdpa"), ("llama", True, "sdpa")]:
+        c = t4_components(arch, softcapping=softcapping)
+        assert c.profile == "t4" and c.attention == attention and c.layout == "padded"
+        assert c.model.compute_dtype == "float16" and c.infer.int8 and not c.infer.fp8 and not c.infer.compile
+        assert attention == "eager" or c.sdpa_backends == ("EFFICIENT_ATTENTION", "MATH")
+    eight = t4_components("llama", quantization="8bit", int8=False)
+    assert eight.weights == "LLM.int8 8-bit, LoRA unmerged" and eight.model.compute_dtype == "float16"
+
+
+def test_t4_exactness_report_on_a_tiny_model(tiny_llama):
+    from bench.infer_t4 import t4_exact
+
+    cfg = BenchConfig(out="unused", model_path=str(tiny_llama), gguf_file="", csv=str(SAMPLE / "train.csv"),
+                      exact_rows=8, token_budget=2048, device="cpu", t4_mode=True)
+    results = {r["path"]: r for r in t4_exact(cfg)}
+    assert set(results) == {"t4 fp16 padded, unmerged", "t4 fp16 padded, merged, int8"}
+    for r in results.values():
+        assert r["against"] == "fp32 plain one-row" and r["rows"] == 8 and 0 < r["max_abs"] < 0.05, r

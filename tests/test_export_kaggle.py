@@ -191,7 +191,7 @@ def test_kaggle_entry_end_to_end(exported, installed, tiny_llama, tmp_path):
 
 def test_merged_lora_holds_the_mean_of_the_fold_updates_exactly():
     import torch
-    from train.export import merge_lora_exactly, update_gap
+    from train.merge import merge_lora_exactly, update_gap
 
     gen = torch.Generator().manual_seed(0)
     key_a, key_b, head = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight", "base_model.model.score.weight"

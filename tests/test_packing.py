@@ -17,7 +17,8 @@ from cli.config import ConfigError, build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS
 from model.factory import ModelConfig, PooledClassifier, load_base, merge_lora
-from model.packing import ATTN, block_masks, last_token_index, pack_batch, pack_rows, resolve_layout
+from model.hardware import resolve_layout
+from model.packing import ATTN, block_masks, last_token_index, pack_batch, pack_rows
 from infer.predict import load_run, predict_frame
 from infer.scoring import plan_batches, split_batches
 from model.packing import make_inputs, pad_batch
@@ -75,10 +76,11 @@ def test_block_mask_keeps_attention_inside_each_row_and_window():
 
 
 def test_resolve_layout():
-    assert resolve_layout("auto", CPU) == "padded"
-    assert resolve_layout("packed", CPU) == "packed"
-    with pytest.raises(ConfigError, match="layout"):
-        resolve_layout("ragged", CPU)
+    assert resolve_layout("auto", None) == "padded"  # CPU
+    assert resolve_layout("auto", (7, 5)) == "padded" and resolve_layout("auto", (8, 0)) == "packed"
+    assert resolve_layout("packed", None) == "packed"
+    with pytest.raises(ValueError, match="layout"):
+        InferSettings(layout="ragged")
 
 
 def _model_pair(path, quantization="none"):

@@ -227,6 +227,9 @@ def test_plan_cli(llama_run):
 
 
 @pytest.mark.parametrize("config, hardware", [("gemma2-9b-qlora.yaml", "t4x2"), ("llama3-8b-qlora.yaml", "t4x2"),
+                                              ("gemma2-9b-qlora.yaml", "t4x2-int8"), ("llama3-8b-qlora.yaml", "t4x2-int8"),
+                                              ("gemma2-9b-qlora.yaml", "t4x2-fp16-split"),
+                                              ("llama3-8b-qlora.yaml", "t4x2-fp16-split"),
                                               ("smollm2-demo.yaml", "cpu-2core"), ("smollm2-mtbench.yaml", "cpu-2core")])
 def test_shipped_configs_have_a_throughput_figure(config, hardware, tmp_path):
     """`infer plan` as the README writes it finds a rate for every shipped config's base model, found by family

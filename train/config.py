@@ -44,6 +44,13 @@ class TrainSettings:
     swap_aug: bool = opt(True, "add an A<->B swapped copy of every training row, labels permuted [1,0,2]")
     soft_labels: bool = opt(False, "read winner columns as probabilities summing to 1 (pseudo-labels)")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    distill_from: str = opt("", "teacher probabilities for distillation, joined by id; every training row needs one: a CSV of "
+                            "id + 3 probabilities (an OOF file, infer ensemble's out/oof.csv), or a member directory: "
+                            "runs/<name>[@seed] (its oof-seed<seed>.csv, out of fold) or a train.length / infer ensemble "
+                            "folder (its oof.csv)")
+    distill_weight: float = opt(0.5, "α in (1-α)·CE(labels) + α·T²·KL(teacher ‖ student), per row; with train.distill_from")
+    distill_temperature: float = opt(1.0, "T: teacher probabilities softened as p^(1/T) (renormalised), the student's as "
+                                     "softmax(logits/T); with train.distill_from")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     logging_steps: int = opt(10, "log the training loss every N steps")
     save_steps: int = opt(0, "checkpoint (adapter + optimizer + scheduler + RNG) every N optimizer steps for resume=auto; 0: none")
@@ -74,6 +81,19 @@ class TrainConfig:
             raise ValueError(f"train.objective must be classify or bradley_terry, got {self.train.objective!r}")
         if self.train.objective == "bradley_terry" and (self.train.soft_labels or self.train.layout != "padded"):
             raise ValueError("train.objective=bradley_terry needs hard labels (train.soft_labels=false) and train.layout=padded")
+        t = self.train
+        if t.distill_from:
+            if t.objective == "bradley_terry":
+                raise ValueError("train.objective=bradley_terry cannot distil (train.distill_from): its reward loss has no "
+                                 "3-class teacher probabilities; use train.objective=classify")
+            if not 0 < t.distill_weight <= 1:
+                raise ValueError(f"train.distill_weight must be in (0, 1], got {t.distill_weight} (leave train.distill_from "
+                                 "empty for no distillation)")
+            if not t.distill_temperature > 0:
+                raise ValueError(f"train.distill_temperature must be > 0, got {t.distill_temperature}")
+        elif (t.distill_weight, t.distill_temperature) != (0.5, 1.0):
+            raise ValueError("train.distill_weight / train.distill_temperature only apply with train.distill_from (a teacher's "
+                             "probabilities); set it, or leave them at their defaults")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume must be auto or never, got {self.resume!r}")
         try:  # the fold's OOF is scored with these settings: refuse what cannot run before training

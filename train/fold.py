@@ -27,7 +27,7 @@ from transformers import TrainingArguments, set_seed
 from cli.config import ConfigError, to_dict
 from data.folds import EXTRA_FOLD, add_extra_training_rows, attach_folds, read_folds
 from data.formatter import Formatter
-from data.io import LABEL_COLS, SWAP_PERM, DataError, prompt_key, read_competition_csv, targets_by_id
+from data.io import LABEL_COLS, SWAP_PERM, WEIGHT_COL, DataError, prompt_key, read_competition_csv, targets_by_id
 from infer.metrics import fold_metrics
 from infer.predict import load_run, predict_frame, write_predictions
 from model.factory import HEAD_SIZES, build_for_training, check_base, load_tokenizer, pick_device
@@ -37,6 +37,7 @@ from train.config import TrainConfig
 from train.state import fold_settings, fold_state, run_dir_for
 from train.tracking import finish_fold, fold_run, log_reused_fold
 from train.distributed import barrier, dist_rank
+from train.distill import attach_teacher
 from train.prestage import excluded_prompts, init_from
 from train.trainers import BradleyTerryTrainer, Collator, PairTrainer, RewardModel, preference_dataset
 
@@ -59,7 +60,7 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         print(f"data.exclude_prompts_of: {int(df['excluded'].sum())} row(s) share a prompt with those files; "
               "they are never trained on (held out rows are still scored)")
     if not cfg.data.extra_csv:
-        return df, df.iloc[:0]
+        return teacher_and_weights(cfg, df, df.iloc[:0])
     frames = []
     for path in cfg.data.extra_csv:
         extra, extra_report = read(path)
@@ -73,16 +74,44 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     kept["excluded"] = kept["prompt"].map(prompt_key).isin(excluded) if excluded else False
     stats["dropped_excluded_prompt"] = int(kept["excluded"].sum())
     print(f"extra training rows: {stats}")
-    return df, kept[~kept["excluded"]].reset_index(drop=True)
+    return teacher_and_weights(cfg, df, kept[~kept["excluded"]].reset_index(drop=True))
+
+
+def teacher_and_weights(cfg: TrainConfig, df: pd.DataFrame, extra: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-row weights checked against the objective; with train.distill_from, each row's teacher
+    probabilities (the run stops here, before any model loads, when a row to be trained on has none)."""
+    weighted = [p for p, f in ((cfg.data.train_csv, df), ("data.extra_csv", extra))
+                if WEIGHT_COL in f and (f[WEIGHT_COL] != 1).any()]
+    if weighted and cfg.train.objective == "bradley_terry":
+        raise ConfigError(f"{', '.join(weighted)}: a {WEIGHT_COL} column other than 1, which train.objective=bradley_terry "
+                          "cannot honour (trl's reward loss has no row weights); use train.objective=classify")
+    if not cfg.train.distill_from:
+        return df, extra
+    trained = ~df["excluded"]
+    if cfg.fold.isdigit():  # one fold: its held-out rows need no teacher
+        trained &= df["fold"] != int(cfg.fold)
+    needed = pd.concat([df.loc[trained, "id"], extra["id"]], ignore_index=True)
+    df, extra = attach_teacher([df, extra], cfg.train.distill_from, needed)
+    return df, extra
 
 
 def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
-    targets = np.stack(df["target"].to_numpy()).astype(np.float32)
-    passes = [(False, targets)] + ([(True, targets[:, SWAP_PERM])] if swap_aug else [])
+    """Token ids and targets per row (and per swapped copy, labels permuted), with the row's `weight` when
+    some row weighs other than 1 (a missing weight is 1) and its `teacher` probabilities when df has them."""
+    rows = {"target": np.stack(df["target"].to_numpy()).astype(np.float32)}
+    if WEIGHT_COL in df:
+        weight = df[WEIGHT_COL].astype(float).fillna(1.0).to_numpy(np.float32)  # competition rows: no weight column
+        if (weight != 1).any():
+            rows["weight"] = weight
+    if "teacher" in df:
+        if df["teacher"].isna().any():
+            raise DataError(f"training rows without teacher probabilities: ids {sorted(df.loc[df['teacher'].isna(), 'id'])[:20]}")
+        rows["teacher"] = np.stack(df["teacher"].to_numpy()).astype(np.float32)
     examples = []
-    for swap, tgt in passes:
+    for swap in [False] + ([True] if swap_aug else []):
         ids = encode_rows(formatter, df, swap=swap, desc="training rows")
-        examples += [{"input_ids": x, "target": t} for x, t in zip(ids, tgt)]
+        values = {k: v[:, SWAP_PERM] if swap and v.ndim == 2 else v for k, v in rows.items()}  # weights stay
+        examples += [{"input_ids": x, **{k: v[i] for k, v in values.items()}} for i, x in enumerate(ids)]
     return examples
 
 
@@ -231,7 +260,8 @@ def train_stage(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFra
         examples = encode_examples(formatter, train_df, cfg.train.swap_aug)
         n_sequences = len(examples)
         trainer = PairTrainer(model=model, args=args, train_dataset=examples, data_collator=Collator(formatter.pad_id, packed),
-                              head_lr=cfg.train.head_lr, label_smoothing=cfg.train.label_smoothing)
+                              head_lr=cfg.train.head_lr, label_smoothing=cfg.train.label_smoothing,
+                              distill_weight=cfg.train.distill_weight, distill_temperature=cfg.train.distill_temperature)
     start = time.time()
     if rank == 0:
         print(f"fold {fold}: training on {len(train_df)} rows ({n_sequences} sequences) -> {run_dir_for(cfg, fold)}"

@@ -12,6 +12,7 @@ from model.factory import AdapterError
 from model.files import sha256_file
 from model.run import ADAPTER_FILE, partial_dir, run_folder, settings_diff, verify_run
 from train.config import TrainConfig
+from train.distill import teacher_digest
 
 
 def run_dir_for(cfg: TrainConfig, fold: int) -> Path:
@@ -39,7 +40,15 @@ def fold_settings(cfg: TrainConfig, fold: int) -> dict:
     data["exclude_prompts_of"] = [_digest(p) for p in data["exclude_prompts_of"]]
     if cfg.train.init_from:
         raw["train"]["init_from"] = _digest(str(run_folder(cfg.train.init_from) / ADAPTER_FILE))
+    if cfg.train.distill_from:
+        raw["train"]["distill_from"] = teacher_digest(cfg.train.distill_from)
     return raw
+
+
+def differences(saved: dict, settings: dict) -> list[str]:
+    """settings_diff against TrainConfig's defaults: a setting added since a run was made, asked for at its
+    default (the code's behaviour before it existed), does not make the run differ."""
+    return settings_diff(saved, settings, defaults=to_dict(TrainConfig()))
 
 
 def _refuse(run: Path, what: str, differ: list[str]) -> ConfigError:
@@ -59,7 +68,7 @@ def resume_point(cfg: TrainConfig, work: Path, settings: dict) -> Path | None:
     if last is None:
         return None
     saved = trainer_dir / "settings.json"
-    differ = settings_diff(json.loads(saved.read_text()), settings) if saved.is_file() else ["settings.json: missing"]
+    differ = differences(json.loads(saved.read_text()), settings) if saved.is_file() else ["settings.json: missing"]
     if differ:
         if cfg.overwrite:  # checkpoints of other settings: start afresh
             return None
@@ -77,7 +86,7 @@ def fold_state(cfg: TrainConfig, fold: int, settings: dict) -> tuple[str, dict |
     if run_dir.exists():
         try:
             manifest = verify_run(run_dir, stage="complete")
-            differ = settings_diff(manifest.get("settings", {}), settings)
+            differ = differences(manifest.get("settings", {}), settings)
         except AdapterError:
             if not cfg.overwrite:
                 raise
@@ -92,7 +101,7 @@ def fold_state(cfg: TrainConfig, fold: int, settings: dict) -> tuple[str, dict |
         except AdapterError as err:
             print(f"fold {fold}: {work} cannot be resumed ({err}); training afresh")
             return "train", None, None
-        differ = settings_diff(manifest.get("settings", {}), settings)
+        differ = differences(manifest.get("settings", {}), settings)
         if not differ:
             return ("publish" if manifest["stage"] == "complete" else "score"), manifest, None
         if not cfg.overwrite:

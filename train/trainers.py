@@ -1,7 +1,8 @@
 """The two training objectives as transformers/trl trainers, sharing the factory's model and the adapter-only checkpoints.
 
 classify       PairTrainer (transformers Trainer): the pair (prompt, A, B) in one sequence, soft-target
-               cross-entropy on the pooled 3-way head.
+               cross-entropy on the pooled 3-way head (pair_loss), per-row weights (a `weight` column,
+               e.g. pseudo-labels) and optional distillation to teacher probabilities.
 bradley_terry  BradleyTerryTrainer (trl RewardTrainer): each response with its prompt alone, one reward
                each, loss -log σ(r_chosen - r_rejected) on decisive rows. Ties have no place in that
                loss; they are dropped (counted) and P(tie) at inference is the training rows' tie rate.
@@ -30,20 +31,53 @@ from train.distributed import RankBalancedSampler
 PACK_MULTIPLE = 256
 
 
+# Per-row values an example may carry besides its tokens, passed to the loss: 3-class targets, the
+# row's weight (only when some row weighs other than 1) and its teacher's probabilities (distillation).
+ROW_KEYS = ("target", "weight", "teacher")
+
+
 class Collator:
-    """A micro-batch as padded rows, or packed end to end (width rounded up to PACK_MULTIPLE)."""
+    """A micro-batch as padded rows, or packed end to end (width rounded up to PACK_MULTIPLE), with the
+    per-row values (ROW_KEYS) its examples carry."""
 
     def __init__(self, pad_id: int, packed: bool = False):
         self.pad_id, self.packed = pad_id, packed
 
     def __call__(self, examples: list[dict]) -> dict:
         seqs = [e["input_ids"] for e in examples]
-        target = torch.tensor(np.stack([e["target"] for e in examples]))
+        rows = {k: torch.tensor(np.stack([e[k] for e in examples])) for k in ROW_KEYS if k in examples[0]}
         if self.packed:
             width = -(-sum(map(len, seqs)) // PACK_MULTIPLE) * PACK_MULTIPLE
-            return {**pack_batch(seqs, self.pad_id, width), "target": target}
+            return {**pack_batch(seqs, self.pad_id, width), **rows}
         ids, mask = pad_batch(seqs, self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "target": target}
+        return {"input_ids": ids, "attention_mask": mask, **rows}
+
+
+def distill_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per row KL(p_T ‖ q_T): p_T the teacher's probabilities softened as p^(1/T) (renormalised), q_T =
+    softmax(logits / T). A teacher probability of 0 contributes 0 (0·log 0 = 0)."""
+    if temperature != 1.0:
+        teacher = torch.softmax(torch.log(teacher.clamp_min(1e-30)) / temperature, dim=-1)
+    log_q = torch.log_softmax(logits / temperature, dim=-1)
+    return (torch.special.xlogy(teacher, teacher) - teacher * log_q).sum(-1)
+
+
+def pair_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+              teacher: torch.Tensor | None = None, label_smoothing: float = 0.0, distill_weight: float = 0.0,
+              temperature: float = 1.0) -> torch.Tensor:
+    """The classify objective on a micro-batch: mean over rows of w_i · l_i, where
+    l_i = (1-α)·CE(target_i, logits_i) + α·T²·KL(teacher_i ‖ student_i) with a teacher, else CE alone
+    (w_i = 1 without weights). T² keeps the KL gradient's scale as T changes (Hinton et al.). Without
+    weights and teacher it is exactly F.cross_entropy, as before either existed."""
+    if weight is None and teacher is None:
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+    if teacher is not None:
+        kl = distill_kl(logits, teacher.to(logits.dtype), temperature)
+        loss = (1 - distill_weight) * loss + distill_weight * temperature ** 2 * kl
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    return loss.mean()
 
 
 class AdapterTrainerMixin:
@@ -72,12 +106,15 @@ class AdapterTrainerMixin:
 
 
 class PairTrainer(AdapterTrainerMixin, Trainer):
-    """Trainer with soft-target cross-entropy on pooled logits and a separate head learning rate."""
+    """Trainer with soft-target cross-entropy on pooled logits (pair_loss: per-row weights, distillation)
+    and a separate head learning rate."""
 
-    def __init__(self, *args, head_lr: float, label_smoothing: float, **kwargs):
+    def __init__(self, *args, head_lr: float, label_smoothing: float, distill_weight: float = 0.0,
+                 distill_temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_lr = head_lr
         self.label_smoothing = label_smoothing
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
 
     def _get_train_sampler(self, *args, **kwargs):
         if self.args.world_size > 1:
@@ -86,9 +123,9 @@ class PairTrainer(AdapterTrainerMixin, Trainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        target = inputs.pop("target")
+        target, weight, teacher = inputs.pop("target"), inputs.pop("weight", None), inputs.pop("teacher", None)
         logits = model(**inputs)
-        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss = pair_loss(logits, target, weight, teacher, self.label_smoothing, self.distill_weight, self.distill_temperature)
         return (loss, logits) if return_outputs else loss
 
 

@@ -1,0 +1,194 @@
+"""T4 mode of the inference benchmark (`python -m bench.infer t4_mode=true ...`): the Kaggle 2xT4 path measured on a larger GPU.
+
+Every row of the run is confined to what a T4 (sm75) has: fp16 compute only (no bf16, no fp8),
+each process capped at 15 GiB (torch.cuda.set_per_process_memory_fraction), SDPA restricted to its
+memory-efficient and math kernels (no FlashAttention-2, no cuDNN attention), padded batches with
+no flex/Triton attention and no torch.compile. The components of the repo rows come from
+model.hardware.resolve_components at capability 7.5, the function `infer predict` uses on a T4.
+
+speed rows (random weights with the real architecture, as the speed task):
+- seed baseline (same mode, same run): NF4 + unmerged LoRA q/k/v, eager, fp16 autocast, batches of 4;
+- repo 8-bit (today's Kaggle settings: bitsandbytes LLM.int8 base, fp16, LoRA unmerged, padded);
+- repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded, eager (Gemma-2 trained
+  with soft-capping) and, for Gemma-2, SDPA mem-efficient (trained with model.attn_softcapping=false);
+- repo fp16 layer split over 2 GPUs, measured stage by stage on one GPU: one stage holds half the
+  decoder layers (fp16, LoRA merged); pipelined, two T4s give one stage's rate, so its per-GPU
+  figure (what `x base` compares with the seed's one-GPU rate) is the stage rate / 2.
+exact rows (tasks=exact): the T4 path's probabilities (fp16; unmerged LoRA, and merged + int8) against the fp32
+plain one-row forward on the same weights.
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import torch
+
+from bench.common import REPO_TARGETS, SEED_TARGETS, BenchConfig, arch_config, random_lora, repo_scorer, seed_scorer
+from infer.scoring import plan_batches, prepare, score_batches, unbatch
+from model.factory import HEAD, PooledClassifier, head_to_fp32, load_base
+from model.hardware import (SDPA_ALIAS, SDPA_T4_BACKENDS, T4_CAPABILITY, Components, resolve_components, sdpa_backends,
+                            t4_memory_cap)
+from model.settings import InferSettings, ModelConfig
+
+MODEL_TYPES = {"gemma2": "gemma2", "llama": "llama", "tiny": "llama"}
+
+
+def t4_components(arch: str, softcapping: bool = True, int8: bool = True, quantization: str = "none",
+                  token_budget: int = 16384) -> Components:
+    """What `infer predict` runs on a T4 for this bench model (resolve_components at capability 7.5)."""
+    model = ModelConfig(path="bench", quantization=quantization, compute_dtype="float16", attn_softcapping=softcapping)
+    infer = InferSettings(profile="auto", int8=int8, token_budget=token_budget, merge_lora=True)
+    return resolve_components(T4_CAPABILITY, MODEL_TYPES[arch], model, infer)
+
+
+def set_attention(model: PooledClassifier, components: Components) -> None:
+    """Point a built model at the components' attention; soft-capping off where the run would be trained without it."""
+    base = model.base
+    if not components.model.attn_softcapping and getattr(base.config, "attn_logit_softcapping", None) is not None:
+        base.config.attn_logit_softcapping = None
+        for layer in getattr(base, base.base_model_prefix).layers:
+            layer.self_attn.attn_logit_softcapping = None
+    if components.attention == "sdpa" and base.config.model_type == "gemma2":
+        from model.hardware import register_sdpa_alias
+
+        register_sdpa_alias()
+        base.config._attn_implementation = SDPA_ALIAS
+    else:
+        base.config._attn_implementation = components.attention
+
+
+def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
+    """The T4-mode speed rows of one architecture through `add(name, score, max_length, **extra)`; returns FLOPs per token."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    from bench.common import non_embedding_params
+
+    dev = torch.device("cuda")
+    print(t4_memory_cap(dev) or "GPU has <= 15 GiB: no cap needed")
+    first = cfg.max_lengths[0]
+    config = arch_config(arch)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float16)  # on the CPU: fp16 9B > 15 GiB
+    flops_per_token = 2 * non_embedding_params(base)
+    base.save_pretrained(workdir / arch)
+    with sdpa_backends(SDPA_T4_BACKENDS):
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float16)
+        try:
+            quantised = AutoModelForSequenceClassification.from_pretrained(
+                workdir / arch, quantization_config=nf4, dtype=torch.float16, attn_implementation="eager", device_map={"": 0})
+            seed_model = random_lora(quantised, SEED_TARGETS)
+            for m in cfg.max_lengths:
+                add("t4 seed baseline: NF4, LoRA qkv unmerged, eager, fp16, batch 4", seed_scorer(seed_model), m, baseline=True)
+            del seed_model, quantised
+            _free()
+            c = t4_components(arch, quantization="8bit", int8=False, token_budget=cfg.token_budget)
+            eight = AutoModelForSequenceClassification.from_pretrained(
+                workdir / arch, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float16,
+                attn_implementation="eager", device_map={"": 0})
+            head_to_fp32(eight)
+            eight_model = PooledClassifier(random_lora(eight, REPO_TARGETS))
+            set_attention(eight_model, c)
+            add(f"t4 repo 8-bit bnb, LoRA unmerged, {c.attention} (Kaggle now)", repo_scorer(eight_model, "padded", cfg.token_budget), first)
+            del eight_model, eight
+            _free()
+        except Exception as err:  # bitsandbytes missing: keep the repo rows
+            print(f"{arch}: bitsandbytes rows FAILED {type(err).__name__}: {err}")
+        head_to_fp32(base)
+        model = PooledClassifier(random_lora(base, REPO_TARGETS))
+        c = t4_components(arch, token_budget=cfg.token_budget)
+        start = time.perf_counter()
+        done = prepare(model, c.infer, c.layout)  # LoRA merged, int8 W8A8, on the CPU
+        model.to(dev)
+        print(f"{arch}: {'; '.join(done)} in {time.perf_counter() - start:.0f} s; {c.describe()}")
+        for softcapping in ([True, False] if arch == "gemma2" else [True]):
+            c = t4_components(arch, softcapping=softcapping, token_budget=cfg.token_budget)
+            set_attention(model, c)
+            cap = "" if arch != "gemma2" else (", soft-capping" if softcapping else ", no soft-capping")
+            for m in cfg.max_lengths:
+                add(f"t4 repo int8 W8A8 merged, padded, {c.attention}{cap}", repo_scorer(model, "padded", max(cfg.token_budget, m)), m)
+        del model, base
+        _free()
+        half = arch_config(arch)
+        half.num_hidden_layers = config.num_hidden_layers // 2
+        for softcapping in ([True, False] if arch == "gemma2" else [True]):
+            c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget)
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                stage = AutoModelForSequenceClassification.from_config(half, dtype=torch.float16)
+            head_to_fp32(stage)
+            stage_model = PooledClassifier(random_lora(stage, REPO_TARGETS))
+            prepare(stage_model, c.infer, c.layout)
+            set_attention(stage_model, c)
+            cap = "" if arch != "gemma2" else (", soft-capping" if softcapping else ", no soft-capping")
+            add(f"t4 repo fp16 2-GPU layer split, {c.attention}{cap} (stage/2)",
+                halved(repo_scorer(stage_model, "padded", cfg.token_budget)), first, gpus=2)
+            del stage_model, stage
+            _free()
+    return flops_per_token
+
+
+def halved(score):
+    """A pipeline stage's rate, reported per GPU: two stages on two GPUs give one stage's rate."""
+    def per_gpu(rows):
+        stats = score(rows)
+        return {**stats, "steady_s": stats["steady_s"] * 2, "stage_steady_s": stats["steady_s"]}
+    return per_gpu
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def t4_exact(cfg: BenchConfig) -> list[dict]:
+    """The T4 path's probabilities (fp16) against the fp32 plain one-row forward on the same random LoRA and head."""
+    from data.formatter import FormatConfig, Formatter
+    from data.io import read_competition_csv
+    from infer.metrics import softmax
+    from model.factory import load_tokenizer
+
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        print(t4_memory_cap(dev))
+    df = read_competition_csv(cfg.csv)[0].iloc[: cfg.exact_rows]
+    scale, probs, results = None, {}, []
+    for dtype in ("float32", "float16"):
+        mcfg = ModelConfig(path=cfg.model_path, gguf_file=cfg.gguf_file, quantization="none", compute_dtype=dtype)
+        formatter = Formatter(load_tokenizer(mcfg), FormatConfig(max_length=2048))
+        seqs = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], inference=True)
+        torch.manual_seed(0)
+        base = load_base(mcfg, formatter.pad_id, dev)
+        head_to_fp32(base)
+        model = PooledClassifier(random_lora(base, REPO_TARGETS))
+        head = getattr(model.base, HEAD).modules_to_save["default"].weight
+        backbone = getattr(model.base, model.base.base_model_prefix)
+        if dtype == "float32":
+            with torch.inference_mode():
+                pooled = torch.cat([backbone(input_ids=torch.tensor([s], device=dev)).last_hidden_state[:, -1].float() for s in seqs])
+                scale = 1 / (pooled @ head.T).std()  # unit-std logits, as the exact task
+                head.mul_(scale)
+                probs["fp32 plain one-row"] = softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))
+            continue
+        with torch.no_grad():
+            head.mul_(scale)
+        mtype = model.base.config.model_type
+        c = resolve_components(T4_CAPABILITY, mtype, mcfg, InferSettings(int8=True, token_budget=cfg.token_budget))
+        set_attention(model, c)
+        batches, _ = plan_batches(list(map(len, seqs)), c.infer, "padded")
+        with sdpa_backends(c.sdpa_backends):
+            for name, settings in (("t4 fp16 padded, unmerged", None), ("t4 fp16 padded, merged, int8", c.infer)):
+                if settings is not None:
+                    prepare(model, settings, "padded")
+                logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], formatter.pad_id, "padded",
+                                          cfg.token_budget, dev)
+                probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
+    for name, p in probs.items():
+        if name != "fp32 plain one-row":
+            diff = np.abs(p - probs["fp32 plain one-row"])
+            results.append({"dtype": "float16", "path": name, "against": "fp32 plain one-row", "rows": len(df),
+                            "max_abs": float(diff.max()), "mean_abs": float(diff.mean())})
+    return results
