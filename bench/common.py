@@ -132,3 +132,24 @@ def seed_scorer(model):
         stats["steady_s"] = time.perf_counter() - start
         return stats
     return score
+
+
+def exact_model(cfg: BenchConfig, dtype: str, dev: torch.device, df) -> tuple:
+    """The exact tasks' model: cfg's base in `dtype` with a seeded random LoRA (repo targets) and head; also
+    (model config, formatter, token ids of df's rows)."""
+    from data.formatter import FormatConfig, Formatter
+    from model.factory import head_to_fp32, load_base, load_tokenizer
+
+    mcfg = ModelConfig(path=cfg.model_path, gguf_file=cfg.gguf_file, quantization="none", compute_dtype=dtype)
+    formatter = Formatter(load_tokenizer(mcfg), FormatConfig(max_length=2048))
+    seqs = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], inference=True)
+    torch.manual_seed(0)
+    base = load_base(mcfg, formatter.pad_id, dev)
+    head_to_fp32(base)
+    return mcfg, formatter, seqs, PooledClassifier(random_lora(base, REPO_TARGETS))
+
+
+def one_row_pooled(model: PooledClassifier, seqs: list[list[int]], dev: torch.device) -> torch.Tensor:
+    """The reference: each row alone through the backbone, no padding, its last hidden state (fp32)."""
+    backbone = getattr(model.base, model.base.base_model_prefix)
+    return torch.cat([backbone(input_ids=torch.tensor([s], device=dev)).last_hidden_state[:, -1].float() for s in seqs])

@@ -12,35 +12,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO_TARGETS, BenchConfig, arch_config, fp8_capable, random_lora, random_rows
+from bench.common import (REPO_TARGETS, BenchConfig, arch_config, exact_model, fp8_capable, one_row_pooled, random_lora,
+                          random_rows)
 from infer.metrics import softmax
 from infer.scoring import plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
 from model import packing
-from model.factory import HEAD, PooledClassifier, head_checksum, head_to_fp32, load_base
+from model.factory import HEAD, head_checksum, head_to_fp32
 from model.run import adapter_head, write_manifest
 from model.settings import InferSettings, ModelConfig
 
 
 def exact(cfg: BenchConfig) -> list[dict]:
     """Max / mean |probability difference| of fast paths against a plain one-row-at-a-time forward."""
-    dev = torch.device(cfg.device)
-    from data.formatter import FormatConfig, Formatter
     from data.io import read_competition_csv
-    from model.factory import load_tokenizer
+
+    dev = torch.device(cfg.device)
 
     df = read_competition_csv(cfg.csv)[0].iloc[: cfg.exact_rows]
     results = []
     for dtype in cfg.dtypes:
-        mcfg = ModelConfig(path=cfg.model_path, gguf_file=cfg.gguf_file, quantization="none", compute_dtype=dtype)
-        formatter = Formatter(load_tokenizer(mcfg), FormatConfig(max_length=2048))
-        seqs = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], inference=True)
-        torch.manual_seed(0)
-        base = load_base(mcfg, formatter.pad_id, dev)
-        head_to_fp32(base)
-        model = PooledClassifier(random_lora(base, REPO_TARGETS))
-        backbone = getattr(model.base, model.base.base_model_prefix)
+        _, formatter, seqs, model = exact_model(cfg, dtype, dev, df)
         with torch.inference_mode():
-            pooled = torch.cat([backbone(input_ids=torch.tensor([s], device=dev)).last_hidden_state[:, -1].float() for s in seqs])
+            pooled = one_row_pooled(model, seqs, dev)
             head = getattr(model.base, HEAD).modules_to_save["default"].weight
             # A trained head gives logits of order 1 (log loss ~1); scale the random one to unit-std logits
             # so that probability differences mean what they would for a real run.

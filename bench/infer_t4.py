@@ -25,9 +25,10 @@ import time
 import numpy as np
 import torch
 
-from bench.common import REPO_TARGETS, SEED_TARGETS, BenchConfig, arch_config, random_lora, repo_scorer, seed_scorer
+from bench.common import (REPO_TARGETS, SEED_TARGETS, BenchConfig, arch_config, exact_model, one_row_pooled, random_lora,
+                          repo_scorer, seed_scorer)
 from infer.scoring import plan_batches, prepare, score_batches, unbatch
-from model.factory import HEAD, PooledClassifier, head_to_fp32, load_base
+from model.factory import HEAD, PooledClassifier, head_to_fp32
 from model.hardware import (SDPA_ALIAS, SDPA_T4_BACKENDS, T4_CAPABILITY, Components, resolve_components, sdpa_backends,
                             t4_memory_cap)
 from model.settings import InferSettings, ModelConfig
@@ -146,10 +147,8 @@ def _free() -> None:
 
 def t4_exact(cfg: BenchConfig) -> list[dict]:
     """The T4 path's probabilities (fp16) against the fp32 plain one-row forward on the same random LoRA and head."""
-    from data.formatter import FormatConfig, Formatter
     from data.io import read_competition_csv
     from infer.metrics import softmax
-    from model.factory import load_tokenizer
 
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
@@ -157,18 +156,11 @@ def t4_exact(cfg: BenchConfig) -> list[dict]:
     df = read_competition_csv(cfg.csv)[0].iloc[: cfg.exact_rows]
     scale, probs, results = None, {}, []
     for dtype in ("float32", "float16"):
-        mcfg = ModelConfig(path=cfg.model_path, gguf_file=cfg.gguf_file, quantization="none", compute_dtype=dtype)
-        formatter = Formatter(load_tokenizer(mcfg), FormatConfig(max_length=2048))
-        seqs = formatter.encode_batch(df["prompt"], df["response_a"], df["response_b"], inference=True)
-        torch.manual_seed(0)
-        base = load_base(mcfg, formatter.pad_id, dev)
-        head_to_fp32(base)
-        model = PooledClassifier(random_lora(base, REPO_TARGETS))
+        mcfg, formatter, seqs, model = exact_model(cfg, dtype, dev, df)
         head = getattr(model.base, HEAD).modules_to_save["default"].weight
-        backbone = getattr(model.base, model.base.base_model_prefix)
         if dtype == "float32":
             with torch.inference_mode():
-                pooled = torch.cat([backbone(input_ids=torch.tensor([s], device=dev)).last_hidden_state[:, -1].float() for s in seqs])
+                pooled = one_row_pooled(model, seqs, dev)
                 scale = 1 / (pooled @ head.T).std()  # unit-std logits, as the exact task
                 head.mul_(scale)
                 probs["fp32 plain one-row"] = softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))
