@@ -40,6 +40,7 @@ from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read
 from infer.length import ABSENT_CLASS_PROB, MODEL_FILE, absent_class_note, absent_classes, fit_logistic, fitted_classes, logistic_proba
 from infer.metrics import PRED_COLS, check_probs, log_loss, softmax, some_ids
 from infer.predict import write_predictions
+from model.run import verify_run
 
 METHODS = ("prob_avg", "logprob_avg", "stack")
 RESERVED = ("prior", "ensemble", "ensemble_nested")  # keys of oof_log_loss next to member names
@@ -220,11 +221,28 @@ def read_member(spec: str, seed: int, folds: list[int]) -> tuple[dict, pd.DataFr
         if absent:
             raise DataError(f"{path}: run folder(s) {absent} missing; the recipe needs one run per fold for test")
         entry = {"name": name, "dir": path.name, "kind": "runs", "runs": runs}
-        oof_file = path / f"oof-seed{seed}.csv"
+        return entry, verified_member_oof(path, runs, path / f"oof-seed{seed}.csv")
     else:
         raise DataError(f"{path}: not a member directory (neither {MODEL_FILE} nor oof-seed{seed}.csv; "
                         "run `python -m train <cfg> fold=all` or `python -m train.length` first)")
     return entry, check_probs(read_checked_csv(oof_file, PRED_COLS), str(oof_file))
+
+
+def verified_member_oof(path: Path, runs: list[str], summary: Path) -> pd.DataFrame:
+    """A run member's OOF file `summary` (oof-seed<s>.csv, written by fold=all), once every fold run was
+    verified file by file (model.run.verify_run) and the file holds exactly the rows of their oof.csv
+    files: a stale or edited summary is refused, never fitted on."""
+    parts = []
+    for run in runs:
+        verify_run(path / run, stage="complete")
+        parts.append(read_checked_csv(path / run / "oof.csv", PRED_COLS))
+    folds = pd.concat(parts, ignore_index=True).set_index("id").sort_index()
+    written = check_probs(read_checked_csv(summary, PRED_COLS), str(summary))
+    same = written.set_index("id").sort_index()
+    if not (same.index.equals(folds.index) and np.allclose(same.to_numpy(float), folds.to_numpy(float), rtol=0, atol=1e-9)):
+        raise DataError(f"{summary}: not the rows of its verified fold runs' oof.csv ({', '.join(runs)}): stale or edited; "
+                        "rerun `python -m train <cfg> fold=all` (finished folds are reused) to write it again")
+    return written
 
 
 def format_report(recipe: dict, cfg: EnsembleConfig, rows: int) -> str:

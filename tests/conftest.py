@@ -159,3 +159,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def sealed_run(folder: Path, oof) -> None:
+    """A complete run folder as model.run.verify_run accepts it (adapter with a head, manifest listing every
+    file), whose oof.csv holds `oof`: a member's fold run without training one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data.formatter import FORMATTER_VERSION
+    from model.factory import head_checksum
+    from model.run import write_manifest
+
+    head, key = torch.zeros(3, 8), "base_model.model.score.weight"
+    (folder / "adapter").mkdir(parents=True)
+    save_file({key: head}, folder / "adapter/adapter_model.safetensors")
+    (folder / "adapter/adapter_config.json").write_text("{}")
+    (folder / "config.yaml").write_text("{}\n")
+    oof.to_csv(folder / "oof.csv", index=False)
+    write_manifest(folder, {"formatter": {"version": FORMATTER_VERSION}, "stage": "complete",
+                            "head": {"key": key, "shape": [3, 8], "sha256": head_checksum(head)}})

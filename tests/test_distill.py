@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SAMPLE, forbid_model_loading, train_args
+from conftest import SAMPLE, forbid_model_loading, sealed_run, train_args
 from cli.config import ConfigError, build_config
 from cli.output import OutputError
 from data.io import LABEL_COLS, DataError, read_competition_csv
@@ -200,6 +200,22 @@ def test_config_refuses_distillation_settings_that_cannot_apply():
     for bad in ("train.distill_weight=0", "train.distill_weight=1.5", "train.distill_temperature=0"):
         with pytest.raises(ConfigError):
             build_config(TrainConfig, None, ["train.distill_from=t.csv", bad])
+
+
+def test_a_run_member_teacher_is_taken_only_from_verified_fold_runs(tmp_path):
+    from train.distill import attach_teacher
+
+    member = tmp_path / "teacher"
+    probs = random_probs(range(1, 11))
+    sealed_run(member / "fold0-seed42", probs.iloc[:5])
+    sealed_run(member / "fold1-seed42", probs.iloc[5:])
+    probs.to_csv(member / "oof-seed42.csv", index=False)
+    frames = [pd.DataFrame({"id": range(1, 11)})]
+    (teacher,) = attach_teacher(frames, str(member), frames[0]["id"])
+    np.testing.assert_allclose(np.stack(teacher["teacher"].to_numpy()), probs[list(LABEL_COLS)].to_numpy())
+    random_probs(range(1, 11), seed=3).to_csv(member / "oof-seed42.csv", index=False)  # stale: not the runs' rows
+    with pytest.raises(DataError, match="not the rows of its verified fold runs"):
+        attach_teacher(frames, str(member), frames[0]["id"])
 
 
 def test_teacher_file_of_a_member_directory(tmp_path):

@@ -3,6 +3,7 @@ recipe, the length-feature member, and `python -m infer ensemble` end to end. Sy
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from infer.length import predict_length
 from train.length import cross_validate, fit_length_model
 from train.length import main as length_main
 
-from conftest import ENV, REPO, SAMPLE
+from conftest import ENV, REPO, SAMPLE, sealed_run
 
 N, K = 400, 5
 RECIPE_KEYS = ["version", "method", "members", "weights", "temperature", "stacker", "oof_log_loss"]
@@ -196,6 +197,13 @@ def write_competition_csv(rows: pd.DataFrame, path, labels: bool = True) -> None
     table.to_csv(path, index=False)
 
 
+def member_runs(member: Path, oof: pd.DataFrame, rows: pd.DataFrame, seed: int) -> None:
+    """fold<k>-seed<seed> runs holding each fold's rows of `oof`, and the fold=all file oof-seed<seed>.csv."""
+    for k in range(K):
+        sealed_run(member / f"fold{k}-seed{seed}", oof[oof["id"].isin(rows["id"][rows["fold"] == k])])
+    oof.sample(frac=1, random_state=1).to_csv(member / f"oof-seed{seed}.csv", index=False)
+
+
 def test_cli(tmp_path):
     rows, members, _ = synth()
     test_rows = synth(seed=9, n=30)[0]
@@ -205,10 +213,7 @@ def test_cli(tmp_path):
     rng = np.random.default_rng(2)
     test_preds = {}
     for name, oof in members.items():
-        member = tmp_path / "runs" / name
-        for k in range(K):
-            (member / f"fold{k}-seed42").mkdir(parents=True)
-        oof.sample(frac=1, random_state=1).to_csv(member / "oof-seed42.csv", index=False)
+        member_runs(tmp_path / "runs" / name, oof, rows, 42)
         test_preds[name] = preds(test_rows["id"], rng.dirichlet([2, 2, 2], len(test_rows)))
     length_main([f"csv={tmp_path / 'train.csv'}", f"folds={tmp_path / 'folds.csv'}", f"out={tmp_path / 'runs/length'}"])
     model = json.loads((tmp_path / "runs/length/length_model.json").read_text())
@@ -244,22 +249,33 @@ def test_cli(tmp_path):
     assert done.returncode == 1 and "ens: exists; pass overwrite=true" in done.stderr  # a finished ensemble is kept
     done = subprocess.run(cmd + args + ["overwrite=true"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
-    assert "id set differs" in done.stderr and str(bad["id"].iloc[0]) in done.stderr
+    assert "oof-seed42.csv: not the rows of its verified fold runs' oof.csv" in done.stderr
 
 
 def test_member_at_seed_reads_that_seeds_runs(tmp_path):
     from infer.ensemble import read_member
 
-    _, members, _ = synth()
+    rows, members, _ = synth()
     member = tmp_path / "plain"
     for seed, name in ((42, "good"), (7, "bad")):
-        for k in range(K):
-            (member / f"fold{k}-seed{seed}").mkdir(parents=True)
-        members[name].to_csv(member / f"oof-seed{seed}.csv", index=False)
+        member_runs(member, members[name], rows, seed)
     entry, oof = read_member(f"{member}@7", 42, list(range(K)))
     assert entry == {"name": "plain-seed7", "dir": "plain", "kind": "runs", "runs": [f"fold{k}-seed7" for k in range(K)]}
-    pd.testing.assert_frame_equal(oof, members["bad"])
+    pd.testing.assert_frame_equal(oof.sort_values("id", ignore_index=True), members["bad"].sort_values("id", ignore_index=True))
     assert read_member(str(member), 42, list(range(K)))[0]["name"] == "plain"
+
+
+def test_a_member_whose_fold_runs_do_not_verify_is_refused(tmp_path):
+    from infer.ensemble import read_member
+    from model.files import AdapterError
+
+    rows, members, _ = synth()
+    member = tmp_path / "plain"
+    member_runs(member, members["good"], rows, 42)
+    oof = member / "fold2-seed42" / "oof.csv"
+    oof.write_text(oof.read_text().replace("0.", "0.1", 1))  # a fold's OOF changed after it was sealed
+    with pytest.raises(AdapterError, match="fold2-seed42/oof.csv: .*(truncated or replaced)"):
+        read_member(str(member), 42, list(range(K)))
 
 
 def test_length_member_with_a_seed_is_refused(tmp_path, sample_folds):

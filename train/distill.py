@@ -21,6 +21,7 @@ import pandas as pd
 
 from cli.config import ConfigError
 from data.io import LABEL_COLS, DataError, read_checked_csv
+from infer.ensemble import verified_member_oof
 from infer.metrics import PRED_COLS, check_probs, some_ids
 from model.files import sha256_file
 
@@ -83,7 +84,10 @@ def attach_teacher(frames: list[pd.DataFrame], spec: str, needed: pd.Series) -> 
     """`frames` with a `teacher` column (3 probabilities per row, None where the teacher has no row);
     the ids in `needed` (the rows that will be trained on) must all have one, else the run stops here."""
     path = teacher_file(spec)
-    teacher = read_probs(path)
+    seed = re.fullmatch(r"oof-seed(\d+)\.csv", path.name)
+    runs = sorted(p.name for p in path.parent.glob(f"fold*-seed{seed[1]}") if p.is_dir()) if seed else []
+    # a run member's fold=all file: taken only once its fold runs verify and it holds exactly their OOF rows
+    teacher = verified_member_oof(path.parent, runs, path) if runs else read_probs(path)
     probs_for_ids(teacher, needed, f"train.distill_from={spec} ({path})", "training row")
     table = dict(zip(teacher["id"], teacher[list(LABEL_COLS)].to_numpy(dtype=np.float64)))
     out = []
