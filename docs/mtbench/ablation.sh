@@ -2,7 +2,7 @@
 # Every number in README "Results on real human votes": MT-Bench human votes, 5 folds grouped by
 # question, SmolLM2-135M-Instruct. Each row is `python -m train` / `python -m infer` with overrides.
 # Usage (one GPU; the runs of a phase share it side by side):
-#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|objective|combine|all
+#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|objective|merge|combine|all
 # DATA_DIR holds mtbench_human.csv and alpacaeval_gpt4.csv.gz (../shared/data in this workspace).
 # PYTHON names the interpreter (default: python). A finished fold is reused when a phase is rerun.
 set -euo pipefail
@@ -44,6 +44,24 @@ case $PHASE in objective|all)
   done; done
   wait
   for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}"; wait; done ;; esac
+case $PHASE in merge|all)
+  # --merge-folds measured: 16 of the 80 questions (every fifth) kept out of every fold; on them, each fold's
+  # run alone, the ensemble of the five, and the merged adapter (the folds' mean LoRA update) are scored.
+  HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv
+  [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
+d[d.question_id.isin(q)].to_csv(sys.argv[2], index=False); d[~d.question_id.isin(q)].to_csv(sys.argv[3], index=False)" "$MT" "$HO" "$TR"
+  [ -f "$RUNS/train64-folds.csv" ] || $PY -m data.folds csv="$TR" out="$RUNS/train64-folds.csv" group_col=question_id
+  for k in 0 1 2 3 4; do
+    $PY -m train configs/smollm2-mtbench.yaml name=train64 seed=42 data.train_csv="$TR" \
+      data.folds_csv="$RUNS/train64-folds.csv" output_dir="$RUNS" fold=$k > "$RUNS/train64-seed42-fold$k.log" 2>&1 &
+  done
+  wait
+  $PY -m train.export runs="$RUNS/train64" dataset_id=local/merge-check out="$RUNS/train64-export" --merge-folds \
+    verify_rows=0 overwrite=true
+  held() { $PY -m infer predict runs="$1" csv="$HO" out="$RUNS/heldout-$2.csv" overwrite=true | grep "log loss" | sed "s/^/$2: /"; }
+  for k in 0 1 2 3 4; do held "$RUNS/train64/fold$k-seed42" "fold$k"; done
+  held "$(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -)" ensemble
+  held "$RUNS/train64-export/members/train64/merged" merged ;; esac
 case $PHASE in prestage|all)
   # AlpacaEval (GPT-4 judge) pre-stage, then the MT-Bench folds start from it (train.init_from)
   [ -f "$RUNS/alpaca-folds.csv" ] || $PY -m data.folds csv="$AE" out="$RUNS/alpaca-folds.csv" n_folds=20
