@@ -38,7 +38,7 @@ from data.features import FEATURES, length_features
 from data.folds import attach_folds, read_folds
 from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv, read_competition_csv
 from infer.length import ABSENT_CLASS_PROB, MODEL_FILE, absent_class_note, absent_classes, fit_logistic, fitted_classes, logistic_proba
-from infer.metrics import PRED_COLS, check_probs, log_loss, softmax, some_ids
+from infer.metrics import PRED_COLS, check_probs, log_loss, read_probs, softmax, some_ids
 from infer.predict import write_predictions
 from model.run import verify_run
 
@@ -225,7 +225,7 @@ def read_member(spec: str, seed: int, folds: list[int]) -> tuple[dict, pd.DataFr
     else:
         raise DataError(f"{path}: not a member directory (neither {MODEL_FILE} nor oof-seed{seed}.csv; "
                         "run `python -m train <cfg> fold=all` or `python -m train.length` first)")
-    return entry, check_probs(read_checked_csv(oof_file, PRED_COLS), str(oof_file))
+    return entry, read_probs(oof_file)
 
 
 def verified_member_oof(path: Path, runs: list[str], summary: Path) -> pd.DataFrame:
@@ -237,7 +237,7 @@ def verified_member_oof(path: Path, runs: list[str], summary: Path) -> pd.DataFr
         verify_run(path / run, stage="complete")
         parts.append(read_checked_csv(path / run / "oof.csv", PRED_COLS))
     folds = pd.concat(parts, ignore_index=True).set_index("id").sort_index()
-    written = check_probs(read_checked_csv(summary, PRED_COLS), str(summary))
+    written = read_probs(summary)
     same = written.set_index("id").sort_index()
     if not (same.index.equals(folds.index) and np.allclose(same.to_numpy(float), folds.to_numpy(float), rtol=0, atol=1e-9)):
         raise DataError(f"{summary}: not the rows of its verified fold runs' oof.csv ({', '.join(runs)}): stale or edited; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from data.io import LABEL_COLS, DataError, check_columns
+from data.io import LABEL_COLS, DataError, check_columns, read_checked_csv
 
 PRED_COLS = ("id", *LABEL_COLS)
 
@@ -101,5 +101,10 @@ def check_probs(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     if problems:
         raise DataError(f"{source}: " + "; ".join(problems))
     return frame
+
+
+def read_probs(path) -> pd.DataFrame:
+    """A prediction file (id + 3 probabilities), read by the one CSV reader and checked by check_probs."""
+    return check_probs(read_checked_csv(path, PRED_COLS, what="prediction file (id + 3 probabilities)"), str(path))
 
 

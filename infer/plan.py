@@ -34,6 +34,7 @@ from data.io import read_competition_csv
 from infer.predict import score_passes
 from infer.scoring import plan_batches
 from model.factory import resolve_path
+from model.hardware import T4_CAPABILITY, resolve_components
 from model.run import Run, load_run
 from model.settings import InferSettings
 from model.tokens import encode_rows
@@ -183,10 +184,12 @@ def minutes(passes: list[list[int]], infer: InferSettings, layout: str, rate: fl
 
 
 def target_layout(run: Run, hardware: str) -> str:
-    """The batch layout `infer predict` will use on `hardware` (auto: padded on T4 and CPU, else packed)."""
-    if run.infer.layout != "auto":
-        return run.infer.layout
-    return "padded" if hardware.startswith(("t4", "cpu")) else "packed"
+    """The batch layout `infer predict` will use on `hardware`: model.hardware.resolve_components (its one rule)
+    at that hardware's compute capability (t4*: 7.5, so the T4 profile's padded batches; cpu*: none; any
+    other: Ampere or newer)."""
+    capability = None if hardware.startswith("cpu") else T4_CAPABILITY if hardware.startswith("t4") else (8, 0)
+    info = model_info(run)
+    return resolve_components(capability, info[0] if info else "", run.model, run.infer).layout
 
 
 def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], float], budget_hours: float,

@@ -246,3 +246,15 @@ def test_shipped_configs_have_a_throughput_figure(config, hardware, tmp_path):
         cfg.model.path = str(tmp_path)
     run = Run(tmp_path / "run", cfg.model, cfg.format, cfg.infer, {})
     assert ThroughputTable(DEFAULT_TABLE, hardware)(run) > 0
+
+
+def test_planned_layout_is_the_one_predict_resolves(llama_run):
+    """infer plan asks model.hardware.resolve_components, as infer predict does: a T4 pads even a packed run."""
+    from infer.plan import target_layout
+    from model.run import load_run
+
+    packed = load_run(llama_run, {"layout": "packed"}, need_base=False)
+    assert target_layout(packed, "t4x2") == "padded"  # the T4 profile: no flex attention below sm80
+    assert target_layout(packed, "h100") == "packed"
+    auto = load_run(llama_run, need_base=False)
+    assert (target_layout(auto, "cpu-2core"), target_layout(auto, "t4x2"), target_layout(auto, "h100")) == ("padded", "padded", "packed")

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from cli.config import ConfigError
-from data.io import LABEL_COLS, DataError, read_checked_csv
+from data.io import LABEL_COLS, DataError
 from infer.ensemble import verified_member_oof
-from infer.metrics import PRED_COLS, check_probs, some_ids
+from infer.metrics import read_probs, some_ids
 from model.files import sha256_file
 
 
@@ -55,11 +55,6 @@ def teacher_file(spec: str) -> Path:
 def teacher_digest(spec: str) -> str:
     """The teacher file by content, for the fold's recorded settings (a changed teacher retrains)."""
     return f"sha256:{sha256_file(teacher_file(spec))}"
-
-
-def read_probs(path: Path) -> pd.DataFrame:
-    """id + 3 probabilities, checked (unique ids, no NaN or negatives, rows summing to 1)."""
-    return check_probs(read_checked_csv(path, PRED_COLS, what="prediction file (id + 3 probabilities)"), str(path))
 
 
 def probs_for_ids(pred: pd.DataFrame, ids, source: str, what: str, exact: bool = False) -> np.ndarray:

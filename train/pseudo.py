@@ -27,8 +27,8 @@ import pandas as pd
 from cli.config import ConfigError, cli_config, opt, run_cli
 from cli.output import check_output, write_file
 from data.io import LABEL_COLS, TEXT_COLS, TEST_COLS, WEIGHT_COL, read_checked_csv, read_competition_csv
-from infer.metrics import log_loss
-from train.distill import probs_for_ids, read_probs
+from infer.metrics import log_loss, read_probs
+from train.distill import probs_for_ids
 
 
 @dataclasses.dataclass
