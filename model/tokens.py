@@ -77,7 +77,7 @@ def encode_rows(formatter: Formatter, df: pd.DataFrame, *, swap: bool = False, i
     if first:
         part = _tokenise(formatter, df.iloc[list(first.values())], list(first), settings, folder, inference, desc)
         parts.append(part)
-        where.update({k: (len(parts) - 1, i) for i, k in enumerate(_column(part, "key"))})
+        where.update({k: (len(parts) - 1, i) for i, k in enumerate(first)})  # the part holds them in this order
     ids: list[list[int] | None] = [None] * len(keys)
     wanted: dict[int, list[tuple[int, int]]] = {}
     for pos, k in enumerate(keys):
