@@ -215,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
 
         results = t4_exact(cfg) if cfg.t4_mode else exact(cfg)
         (out / "bench-exact.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
-        lines = [f"{'dtype':<9} {'path':<26} {'against':<17} {'max |dp|':>9} {'mean |dp|':>10}"]
-        lines += [f"{r['dtype']:<9} {r['path']:<26} {r['against']:<17} {r['max_abs']:>9.2e} {r['mean_abs']:>10.2e}" for r in results]
-        tables.append(f"exactness on {results[0]['rows']} real rows ({cfg.csv}), {device}\n" + "\n".join(lines))
+        lines = [f"{'model':<16} {'dtype':<9} {'path':<30} {'against':<19} {'rows':>5} {'max |dp|':>9} {'mean |dp|':>10}"]
+        lines += [f"{r.get('model', 'real'):<16} {r['dtype']:<9} {r['path']:<30} {r['against']:<19} {r['rows']:>5} {r['max_abs']:>9.2e} "
+                  f"{r['mean_abs']:>10.2e}" for r in results]
+        tables.append(f"exactness (model real: {cfg.model_path} on rows of {cfg.csv}), {device}\n" + "\n".join(lines))
     if "scaling" in cfg.tasks:
         results = [r for arch in cfg.models for r in scaling(cfg, arch, workdir)]
         (out / "bench-scaling.json").write_text(json.dumps({"device": device, "results": results}, indent=1))

@@ -15,7 +15,8 @@ speed rows (random weights with the real architecture, as the speed task):
   decoder layers (fp16, LoRA merged); pipelined, two T4s give one stage's rate, so its per-GPU
   figure (what `x base` compares with the seed's one-GPU rate) is the stage rate / 2.
 exact rows (tasks=exact): the T4 path's probabilities (fp16; unmerged LoRA, and merged + int8) against the fp32
-plain one-row forward on the same weights.
+plain one-row forward on the same weights: the real small model on real rows, then each of `models` at its
+real widths with its first 4 decoder layers (random weights, random rows up to 1,024 tokens).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.common import (REPO_TARGETS, SEED_TARGETS, BenchConfig, arch_config, exact_model, one_row_pooled, random_lora,
-                          repo_scorer, seed_scorer)
+                          random_rows, repo_scorer, seed_scorer)
 from infer.scoring import plan_batches, prepare, score_batches, unbatch
 from model.factory import HEAD, PooledClassifier, head_to_fp32
 from model.hardware import (SDPA_ALIAS, SDPA_T4_BACKENDS, T4_CAPABILITY, Components, resolve_components, sdpa_backends,
@@ -178,9 +179,51 @@ def t4_exact(cfg: BenchConfig) -> list[dict]:
                 logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], formatter.pad_id, "padded",
                                           cfg.token_budget, dev)
                 probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
-    for name, p in probs.items():
-        if name != "fp32 plain one-row":
-            diff = np.abs(p - probs["fp32 plain one-row"])
-            results.append({"dtype": "float16", "path": name, "against": "fp32 plain one-row", "rows": len(df),
-                            "max_abs": float(diff.max()), "mean_abs": float(diff.mean())})
+    results += compared(probs, len(df), "real")
+    del model
+    _free()
+    for arch in cfg.models:
+        results += t4_exact_random(cfg, arch)
+        _free()
     return results
+
+
+def compared(probs: dict, rows: int, model: str) -> list[dict]:
+    ref = probs.pop("fp32 plain one-row")
+    return [{"dtype": "float16", "model": model, "path": name, "against": "fp32 plain one-row", "rows": rows,
+             "max_abs": float(np.abs(p - ref).max()), "mean_abs": float(np.abs(p - ref).mean())} for name, p in probs.items()]
+
+
+def t4_exact_random(cfg: BenchConfig, arch: str, layers: int = 4, rows: int = 64, max_length: int = 1024) -> list[dict]:
+    """t4_exact on random weights of a real architecture's widths (int8 error grows with the width summed over),
+    cut to its first `layers` decoder layers so the fp32 reference fits the 15 GiB cap."""
+    from transformers import AutoModelForSequenceClassification
+
+    from infer.metrics import softmax
+
+    dev = torch.device(cfg.device)
+    config = arch_config(arch)
+    config.num_hidden_layers = layers
+    seqs = random_rows(rows, max_length, config.vocab_size, seed=1)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    head_to_fp32(base)
+    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    head = getattr(model.base, HEAD).modules_to_save["default"].weight
+    with torch.inference_mode():
+        pooled = one_row_pooled(model, seqs, dev)
+        head.mul_(1 / (pooled @ head.T).std())  # unit-std logits, as the exact task
+        probs = {"fp32 plain one-row": softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))}
+    model.base.to(torch.float16)
+    head_to_fp32(model.base)
+    c = t4_components(arch, token_budget=cfg.token_budget)
+    set_attention(model, c)
+    batches, _ = plan_batches(list(map(len, seqs)), c.infer, "padded")
+    with sdpa_backends(c.sdpa_backends):
+        for name, settings in (("t4 fp16 padded, unmerged", None), ("t4 fp16 padded, merged, int8", c.infer)):
+            if settings is not None:
+                prepare(model, settings, "padded")
+            logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], 0, "padded", cfg.token_budget, dev)
+            probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
+    return compared(probs, rows, f"{arch} {layers} layers")

@@ -70,8 +70,23 @@ def test_t4_exactness_report_on_a_tiny_model(tiny_llama):
     from bench.infer_t4 import t4_exact
 
     cfg = BenchConfig(out="unused", model_path=str(tiny_llama), gguf_file="", csv=str(SAMPLE / "train.csv"),
-                      exact_rows=8, token_budget=2048, device="cpu", t4_mode=True)
+                      exact_rows=8, token_budget=2048, device="cpu", t4_mode=True, models=[])
     results = {r["path"]: r for r in t4_exact(cfg)}
     assert set(results) == {"t4 fp16 padded, unmerged", "t4 fp16 padded, merged, int8"}
     for r in results.values():
         assert r["against"] == "fp32 plain one-row" and r["rows"] == 8 and 0 < r["max_abs"] < 0.05, r
+
+
+def test_t4_exactness_on_random_weights_of_an_architecture(monkeypatch):
+    """The random-architecture rows of t4_exact, with a tiny Llama config standing in for Llama-3's widths."""
+    import bench.infer_t4
+    from transformers import LlamaConfig
+
+    tiny = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                       num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    monkeypatch.setattr(bench.infer_t4, "arch_config", lambda arch: tiny)
+    cfg = BenchConfig(out="unused", token_budget=1024, device="cpu", t4_mode=True)
+    results = bench.infer_t4.t4_exact_random(cfg, "llama", layers=2, rows=6, max_length=64)
+    assert [r["path"] for r in results] == ["t4 fp16 padded, unmerged", "t4 fp16 padded, merged, int8"]
+    for r in results:
+        assert r["model"] == "llama 2 layers" and r["rows"] == 6 and 0 < r["max_abs"] < 0.05, r

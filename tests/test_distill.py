@@ -3,6 +3,7 @@ join by id, the loss against hand computations, and tiny training runs that use 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -283,6 +284,30 @@ def test_training_with_pseudo_labelled_extra_csv(tmp_path, tiny_llama, sample_fo
     weights = torch.cat([w for w, *_ in loss_spy])
     assert set(weights.tolist()) <= {1.0, 0.25} and 0.25 in weights.tolist() and 1.0 in weights.tolist()
     assert all(t is None for _, t, *_ in loss_spy)
+
+
+def test_per_fold_extra_csv_reads_the_folds_own_file(tmp_path, tiny_llama, sample_folds, pool_preds, loss_spy,
+                                                     monkeypatch):
+    """`{fold}` in data.extra_csv: fold k trains on its own file (pseudo-labels from fold k's run alone), and
+    its settings digest that file; a fold without its file stops fold=all before any model loads."""
+    from model.files import sha256_file
+    from train.__main__ import main as train_main
+
+    run_pseudo(tmp_path, "pred.csv", "pseudo0.csv", "weight=0.25")
+    run_pseudo(tmp_path, "pred.csv", "pseudo1.csv", "weight=0.5")
+    per_fold = f"data.extra_csv={tmp_path / 'pseudo{fold}.csv'}"  # in YAML: ["pseudo{fold}.csv"], quoted
+    args = train_args("tiny-llama.yaml", tiny_llama, sample_folds, tmp_path / "runs", "fold=0", *FAST,
+                      "data.max_train_rows=300", "train.batch_size=32", per_fold, "train.soft_labels=true")
+    cfg = build_config(TrainConfig, Path(args[0]), args[1:])
+    assert fold_settings(cfg, 1)["data"]["extra_csv"] == [f"sha256:{sha256_file(tmp_path / 'pseudo1.csv')}"]
+    train_main(args)
+    manifest = json.loads((tmp_path / "runs" / "tiny-llama" / "fold0-seed42" / "manifest.json").read_text())
+    assert manifest["settings"]["data"]["extra_csv"] == [f"sha256:{sha256_file(tmp_path / 'pseudo0.csv')}"]
+    assert set(torch.cat([w for w, *_ in loss_spy]).tolist()) == {1.0, 0.25}  # pseudo0's weight, not pseudo1's
+
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(DataError, match="pseudo2.csv"):
+        train_main([a if a != "fold=0" else "fold=all" for a in args])
 
 
 def test_training_with_distill_from(tmp_path, tiny_llama, sample_folds, loss_spy):

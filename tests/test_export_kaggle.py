@@ -221,6 +221,9 @@ def test_merge_folds_exports_one_adapter_of_rank_k_r(member, tmp_path):
     shutil.copytree(folder / "fold0-seed42", fold1)
     tensors = {k: v * 0.8 + 0.01 for k, v in load_file(fold1 / ADAPTER).items()}
     save_file(tensors, fold1 / ADAPTER, metadata={"format": "pt"})
+    lora_file = fold1 / "adapter/adapter_config.json"  # peft writes target_modules (a set) in its process's hash order
+    lora = json.loads(lora_file.read_text())
+    lora_file.write_text(json.dumps({**lora, "target_modules": lora["target_modules"][::-1]}))
     manifest = json.loads((fold1 / "manifest.json").read_text())
     manifest["head"]["sha256"] = head_checksum(next(v for k, v in tensors.items() if k.endswith("score.weight")))
     write_manifest(fold1, manifest)  # resealed: a second fold as training would have written it

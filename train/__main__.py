@@ -30,7 +30,7 @@ from infer.metrics import cv_table, log_loss
 from infer.predict import write_predictions
 from train.config import TrainConfig
 from train.distributed import dist_rank
-from train.fold import load_rows, train_fold
+from train.fold import fold_rows, load_rows, train_fold
 from train.state import run_dir_for
 from train.tracking import log_cv
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, name=yaml_path.stem)
     # Run folders have their own contract (model.run); the folder must take files before any work.
     check_output(Path(cfg.output_dir) / cfg.name, overwrite=True, folder=True)
-    df, extra = load_rows(cfg)
+    df, excluded = load_rows(cfg)
     folds = sorted(int(f) for f in set(df["fold"]))
     if cfg.fold == "all":
         todo = folds
@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         todo = [int(cfg.fold)]
     else:
         raise SystemExit(f"config error: fold={cfg.fold!r} is neither `all` nor one of {folds}")
+    rows = fold_rows(cfg, df, excluded, todo)  # every file read, every teacher probability joined: no model loaded yet
     rank, _ = dist_rank()
     results = []
     for fold in todo:
-        metrics = train_fold(cfg, fold, df, extra)
+        metrics = train_fold(cfg, fold, *rows[fold])
         if rank == 0:
             print(f"fold {fold}: log loss {metrics['log_loss']:.4f} (class prior {metrics['prior_log_loss']:.4f})")
         results.append(metrics)

@@ -12,12 +12,21 @@ from model.settings import InferSettings, ModelConfig, inference_model
 class DataSettings:
     train_csv: str = opt("", "competition-format train CSV")
     folds_csv: str = opt("", "id -> fold file written once by `python -m data.folds`")
-    extra_csv: list[str] = opt([], "extra labelled CSVs (same format) added to the training folds only")
+    extra_csv: list[str] = opt([], "extra labelled CSVs (same format) added to the training folds only; `{fold}` in a "
+                               "name is the fold trained (fold k reads its own file: pseudo-labels from fold k's run)")
     drop_bad_rows: bool = opt(False, "drop rows that fail validation (counted) instead of stopping")
     max_train_rows: int = opt(0, "use only the first N training rows after shuffling (0: all); for quick demos")
     exclude_prompts_of: list[str] = opt(
         [], "CSVs whose prompts must never be trained on (e.g. the evaluation set of a pre-stage): "
         "training rows with one of their normalised prompts are dropped, counted")
+
+
+FOLD_FIELD = "{fold}"
+
+
+def extra_csv_path(path: str, fold: int) -> str:
+    """The data.extra_csv file fold `fold` trains on: `{fold}` in the name replaced by the fold number."""
+    return path.replace(FOLD_FIELD, str(fold))
 
 
 @dataclasses.dataclass

@@ -10,7 +10,6 @@ checkpoint or, once its adapter was saved, at OOF scoring.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -33,7 +32,7 @@ from infer.predict import load_run, predict_frame, write_predictions
 from model.factory import HEAD_SIZES, build_for_training, check_base, load_tokenizer, pick_device
 from model.run import partial_dir, publish, read_manifest, write_complete, write_trained
 from model.tokens import encode_rows
-from train.config import TrainConfig
+from train.config import TrainConfig, extra_csv_path
 from train.state import fold_settings, fold_state, run_dir_for
 from train.tracking import finish_fold, fold_run, log_reused_fold
 from train.distributed import barrier, dist_rank
@@ -42,14 +41,10 @@ from train.prestage import excluded_prompts, init_from
 from train.trainers import BradleyTerryTrainer, Collator, PairTrainer, RewardModel, preference_dataset
 
 
-def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Competition rows with their fold, and extra rows (training folds only, fold -1)."""
+def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, set[str]]:
+    """Competition rows with their fold and whether their prompt is excluded from training; the excluded prompt keys."""
     check_base(cfg.model)  # a wrong model path should fail before minutes of data work
-    read = functools.partial(
-        read_competition_csv, labels=True, soft_labels=cfg.train.soft_labels,
-        drop_bad_rows=cfg.data.drop_bad_rows, drop_hint="data.drop_bad_rows=true",
-    )
-    df, report = read(cfg.data.train_csv)
+    df, report = _read_labelled(cfg, cfg.data.train_csv)
     print(report.summary())
     if not cfg.data.folds_csv:
         raise ConfigError(f"data.folds_csv is empty: write folds once with `python -m data.folds csv={cfg.data.train_csv} out=...`")
@@ -59,13 +54,35 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if excluded:
         print(f"data.exclude_prompts_of: {int(df['excluded'].sum())} row(s) share a prompt with those files; "
               "they are never trained on (held out rows are still scored)")
-    if not cfg.data.extra_csv:
-        return teacher_and_weights(cfg, df, df.iloc[:0])
-    frames = []
-    for path in cfg.data.extra_csv:
-        extra, extra_report = read(path)
-        print(extra_report.summary())
-        frames.append(extra)
+    return df, excluded
+
+
+def _read_labelled(cfg: TrainConfig, path: str):
+    return read_competition_csv(path, labels=True, soft_labels=cfg.train.soft_labels,
+                                drop_bad_rows=cfg.data.drop_bad_rows, drop_hint="data.drop_bad_rows=true")
+
+
+def fold_rows(cfg: TrainConfig, df: pd.DataFrame, excluded: set[str],
+              folds: list[int]) -> dict[int, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per fold to train: (competition rows, extra rows for its training folds, fold -1), every file read and
+    every teacher probability joined before any model loads. An extra file named with `{fold}`
+    (extra_csv_path) is fold k's own file, e.g. pseudo-labels made by fold k's run alone; files named
+    without it are read once and shared."""
+    frames: dict[str, pd.DataFrame] = {}
+    out = {}
+    for fold in folds:
+        paths = [extra_csv_path(p, fold) for p in cfg.data.extra_csv]
+        for path in paths:
+            if path not in frames:
+                frames[path], extra_report = _read_labelled(cfg, path)
+                print(extra_report.summary())
+        out[fold] = teacher_and_weights(cfg, df, _extra_rows(df, [frames[p] for p in paths], excluded), fold)
+    return out
+
+
+def _extra_rows(df: pd.DataFrame, frames: list[pd.DataFrame], excluded: set[str]) -> pd.DataFrame:
+    if not frames:
+        return df.iloc[:0]
     extra = pd.concat(frames, ignore_index=True)
     repeated = extra["id"][extra["id"].duplicated()]
     if len(repeated):
@@ -74,10 +91,10 @@ def load_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     kept["excluded"] = kept["prompt"].map(prompt_key).isin(excluded) if excluded else False
     stats["dropped_excluded_prompt"] = int(kept["excluded"].sum())
     print(f"extra training rows: {stats}")
-    return teacher_and_weights(cfg, df, kept[~kept["excluded"]].reset_index(drop=True))
+    return kept[~kept["excluded"]].reset_index(drop=True)
 
 
-def teacher_and_weights(cfg: TrainConfig, df: pd.DataFrame, extra: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def teacher_and_weights(cfg: TrainConfig, df: pd.DataFrame, extra: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-row weights checked against the objective; with train.distill_from, each row's teacher
     probabilities (the run stops here, before any model loads, when a row to be trained on has none)."""
     weighted = [p for p, f in ((cfg.data.train_csv, df), ("data.extra_csv", extra))
@@ -87,9 +104,7 @@ def teacher_and_weights(cfg: TrainConfig, df: pd.DataFrame, extra: pd.DataFrame)
                           "cannot honour (trl's reward loss has no row weights); use train.objective=classify")
     if not cfg.train.distill_from:
         return df, extra
-    trained = ~df["excluded"]
-    if cfg.fold.isdigit():  # one fold: its held-out rows need no teacher
-        trained &= df["fold"] != int(cfg.fold)
+    trained = ~df["excluded"] & (df["fold"] != fold)  # its held-out rows need no teacher
     needed = pd.concat([df.loc[trained, "id"], extra["id"]], ignore_index=True)
     df, extra = attach_teacher([df, extra], cfg.train.distill_from, needed)
     return df, extra

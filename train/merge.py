@@ -63,6 +63,11 @@ def update_gap(tensors: list[dict], merged: dict, probes: int = 4) -> float:
     return worst
 
 
+def same_lora(config: dict) -> dict:
+    """An adapter config as compared between folds: peft saves target_modules (a set) in each process's hash order."""
+    return {k: sorted(v) if k in ("target_modules", "modules_to_save") and isinstance(v, list) else v for k, v in config.items()}
+
+
 def merge_folds(member_out: Path, runs: list[str]) -> dict:
     """The folds' mean LoRA update written exactly as one adapter (merge_lora_exactly) -> member_out/merged."""
     from safetensors import safe_open
@@ -74,7 +79,7 @@ def merge_folds(member_out: Path, runs: list[str]) -> dict:
     for r, t in zip(runs[1:], tensors[1:]):
         if {k: v.shape for k, v in t.items()} != {k: v.shape for k, v in tensors[0].items()}:
             raise MergeError(f"{member_out / r}: adapter tensors differ in names or shapes from {first}; cannot merge")
-        if json.loads((member_out / r / "adapter/adapter_config.json").read_text()) != lora:
+        if same_lora(json.loads((member_out / r / "adapter/adapter_config.json").read_text())) != same_lora(lora):
             raise MergeError(f"{member_out / r}: LoRA config differs from {first}; cannot merge")
     merged, merged_lora = merge_lora_exactly(tensors, lora)
     out = member_out / "merged"

@@ -11,7 +11,7 @@ from cli.config import ConfigError, to_dict
 from model.factory import AdapterError
 from model.files import sha256_file
 from model.run import ADAPTER_FILE, partial_dir, run_folder, settings_diff, verify_run
-from train.config import TrainConfig
+from train.config import TrainConfig, extra_csv_path
 from train.distill import teacher_digest
 
 
@@ -36,7 +36,7 @@ def fold_settings(cfg: TrainConfig, fold: int) -> dict:
             (raw[section] if section else raw).pop(key)
     data = raw["data"]
     data["train_csv"], data["folds_csv"] = _digest(data["train_csv"]), _digest(data["folds_csv"])
-    data["extra_csv"] = [_digest(p) for p in data["extra_csv"]]
+    data["extra_csv"] = [_digest(extra_csv_path(p, fold)) for p in data["extra_csv"]]
     data["exclude_prompts_of"] = [_digest(p) for p in data["exclude_prompts_of"]]
     if cfg.train.init_from:
         raw["train"]["init_from"] = _digest(str(run_folder(cfg.train.init_from) / ADAPTER_FILE))

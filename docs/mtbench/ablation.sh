@@ -2,7 +2,7 @@
 # Every number in README "Results on real human votes": MT-Bench human votes, 5 folds grouped by
 # question, SmolLM2-135M-Instruct. Each row is `python -m train` / `python -m infer` with overrides.
 # Usage (one GPU; the runs of a phase share it side by side):
-#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|prestage|objective|merge|combine|all
+#   bash docs/mtbench/ablation.sh DATA_DIR RUNS_DIR plain|ablate|objective|methods|combine|all
 # DATA_DIR holds mtbench_human.csv and alpacaeval_gpt4.csv.gz (../shared/data in this workspace).
 # PYTHON names the interpreter (default: python). A finished fold is reused when a phase is rerun.
 set -euo pipefail
@@ -44,31 +44,81 @@ case $PHASE in objective|all)
   done; done
   wait
   for spec in "${specs[@]}"; do set -- $spec; mt "$1" 42 "${@:2}"; wait; done ;; esac
-case $PHASE in merge|all)
-  # --merge-folds measured: 16 of the 80 questions (every fifth) kept out of every fold; on them, each fold's
-  # run alone, the ensemble of the five, and the merged adapter (the folds' mean LoRA update) are scored.
-  HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv
+case $PHASE in methods|all)
+  # Issue 17's methods on one GPU, every step in a queue of at most PAR processes (a finished fold is
+  # reused on a rerun, so the phase resumes where a cut command left it). Timeline: RUNS/methods-timeline.log.
+  #   plain@42   the recipe; its folds score the pseudo-label pool and its stack with the length model is the teacher
+  #   train64    the recipe on 64 questions; on the 16 others (every fifth, held out of every fold) each fold,
+  #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
+  #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch; `prestaged` = the recipe started from it
+  #   pseudo     pool = POOL_ROWS AlpacaEval pairs (labels ignored, no MT-Bench prompt); fold k trains with the
+  #              pool as fold k's run alone scored it (data.extra_csv=...pseudo{fold}.csv), weight 0.5
+  #   distill    the recipe with KL to the stacked recipe's nested OOF (train.distill_from, α 0.5)
+  HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
   [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
 d[d.question_id.isin(q)].to_csv(sys.argv[2], index=False); d[~d.question_id.isin(q)].to_csv(sys.argv[3], index=False)" "$MT" "$HO" "$TR"
   [ -f "$RUNS/train64-folds.csv" ] || $PY -m data.folds csv="$TR" out="$RUNS/train64-folds.csv" group_col=question_id
+  [ -f "$RUNS/alpaca-folds.csv" ] || $PY -m data.folds csv="$AE" out="$RUNS/alpaca-folds.csv" n_folds=20
+  [ -f "$POOL" ] || $PY -c "import sys, pandas as pd
+from data.io import prompt_key
+ae, mt, folds = pd.read_csv(sys.argv[1]), pd.read_csv(sys.argv[2]), pd.read_csv(sys.argv[3])
+ae = ae[ae.id.isin(folds.id[folds.fold == 1]) & ~ae.prompt.map(prompt_key).isin(set(mt.prompt.map(prompt_key)))]
+ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/alpaca-folds.csv" "$POOL" "${POOL_ROWS:-1000}"
+  job() {  # job NAME cmd...: run in the background once a slot is free; its start and end go to the timeline
+    local name=$1; shift
+    while [ "$(jobs -rp | wc -l)" -ge "${PAR:-9}" ]; do wait -n || true; done
+    ( echo "$(date +%s) start $name" >> "$TL"; if "$@" > "$RUNS/$name.log" 2>&1; then r=ok; else r=FAILED; fi
+      echo "$(date +%s) end $name $r" >> "$TL" ) &
+  }
+  recipe() { echo configs/smollm2-mtbench.yaml seed=42 $MTB ${EXTRA:-}; }  # EXTRA: overrides for a smoke test
+  job prestage $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" data.max_train_rows="${PRE_ROWS:-6000}" \
+    data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" train.save_steps=100 ${EXTRA:-}
+  PRE=$!; P42=(); T64=()
+  for k in 0 1 2 3 4; do job plain-seed42-fold$k $PY -m train $(recipe) name=plain fold=$k; P42+=($!); done
   for k in 0 1 2 3 4; do
-    $PY -m train configs/smollm2-mtbench.yaml name=train64 seed=42 data.train_csv="$TR" \
-      data.folds_csv="$RUNS/train64-folds.csv" output_dir="$RUNS" fold=$k > "$RUNS/train64-seed42-fold$k.log" 2>&1 &
+    job train64-fold$k $PY -m train configs/smollm2-mtbench.yaml name=train64 seed=42 data.train_csv="$TR" \
+      data.folds_csv="$RUNS/train64-folds.csv" output_dir="$RUNS" fold=$k ${EXTRA:-}; T64+=($!)
+  done
+  wait "${P42[@]}" || true  # (a job reaped by a slot wait reads as not a child)
+  $PY -m train $(recipe) name=plain > "$RUNS/plain-seed42.log" 2>&1 || true  # every fold reused: CV table, oof-seed42.csv
+  $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
+    method=stack out="$RUNS/stack-seed42" > "$RUNS/stack-seed42.log" 2>&1 || true
+  PS=()
+  for k in 0 1 2 3 4; do  # the pool as fold k's run alone sees it: that run never trained on fold k
+    job pool-fold$k sh -c "$PY -m infer predict runs=$RUNS/plain/fold$k-seed42 csv=$POOL out=$RUNS/pool-pred$k.csv \
+      overwrite=true && $PY -m train.pseudo preds=$RUNS/pool-pred$k.csv csv=$POOL out=$RUNS/pseudo$k.csv weight=0.5 overwrite=true"
+    PS+=($!)
+  done
+  for k in 0 1 2 3 4; do
+    job distill-seed42-fold$k $PY -m train $(recipe) name=distill fold=$k train.distill_from="$RUNS/stack-seed42"
+  done
+  wait "${PS[@]}" || true
+  for k in 0 1 2 3 4; do
+    job pseudo-seed42-fold$k $PY -m train $(recipe) name=pseudo fold=$k "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
+  done
+  wait "${T64[@]}" || true
+  held="$RUNS/train64/fold0-seed42 $RUNS/train64/fold1-seed42 $RUNS/train64/fold2-seed42 $RUNS/train64/fold3-seed42"
+  held="$held $RUNS/train64/fold4-seed42 $(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -) $RUNS/train64-export/members/train64/merged"
+  job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
+    verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
+    out=$RUNS/heldout.csv overwrite=true; done"
+  wait $PRE || true
+  for k in 0 1 2 3 4; do
+    job prestaged-seed42-fold$k $PY -m train $(recipe) name=prestaged fold=$k train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
   done
   wait
-  $PY -m train.export runs="$RUNS/train64" dataset_id=local/merge-check out="$RUNS/train64-export" --merge-folds \
-    verify_rows=0 overwrite=true
-  held() { $PY -m infer predict runs="$1" csv="$HO" out="$RUNS/heldout-$2.csv" overwrite=true | grep "log loss" | sed "s/^/$2: /"; }
-  for k in 0 1 2 3 4; do held "$RUNS/train64/fold$k-seed42" "fold$k"; done
-  held "$(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -)" ensemble
-  held "$RUNS/train64-export/members/train64/merged" merged ;; esac
-case $PHASE in prestage|all)
-  # AlpacaEval (GPT-4 judge) pre-stage, then the MT-Bench folds start from it (train.init_from)
-  [ -f "$RUNS/alpaca-folds.csv" ] || $PY -m data.folds csv="$AE" out="$RUNS/alpaca-folds.csv" n_folds=20
-  $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" \
-    data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" > "$RUNS/alpaca-seed42.log" 2>&1
-  mt prestaged 42 train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
-  wait ;; esac
+  # every fold reused: each method's CV table and oof-seed42.csv, then each stacked on the length model (nested)
+  $PY -m train $(recipe) name=distill train.distill_from="$RUNS/stack-seed42" > "$RUNS/distill-seed42.log" 2>&1 || true
+  $PY -m train $(recipe) name=pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true > "$RUNS/pseudo-seed42.log" 2>&1 || true
+  $PY -m train $(recipe) name=prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42" > "$RUNS/prestaged-seed42.log" 2>&1 || true
+  for m in distill pseudo prestaged; do
+    [ ! -f "$RUNS/$m/oof-seed42.csv" ] || $PY -m infer ensemble members="$RUNS/$m@42,$RUNS/length" labels="$MT" \
+      folds="$RUNS/mtbench-folds.csv" method=stack out="$RUNS/stack-$m" > "$RUNS/stack-$m.log" 2>&1 || true
+  done
+  all=$(for m in plain distill pseudo prestaged; do [ ! -f "$RUNS/$m/oof-seed42.csv" ] || printf '%s,' "$RUNS/$m@42"; done)
+  $PY -m infer ensemble members="${all}$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
+    out="$RUNS/stack-methods" > "$RUNS/stack-methods.log" 2>&1 || true
+  echo "$(date +%s) end methods" >> "$TL" ;; esac
 case $PHASE in combine|all)  # CPU: stacking on the length model, nested over the folds, and the report
   for s in 42 7; do
     $PY -m infer ensemble members="$RUNS/plain@$s,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
