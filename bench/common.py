@@ -41,6 +41,8 @@ class BenchConfig:
     profile: bool = opt(False, "speed: also print the top GPU kernels of the default path (torch.profiler)")
     t4_mode: bool = opt(False, "speed/exact: the Kaggle T4 path only (bench/infer_t4.py): fp16, 15 GiB per process, "
                                "SDPA mem-efficient/math, no flex/compile/bf16/fp8; seed baseline in the same mode")
+    t4_bnb: bool = opt(True, "T4-mode speed: also the bitsandbytes rows (the NF4 seed baseline, 8-bit), run last; they need "
+                             "bitsandbytes and an 18 GB copy of the model in workdir")
 
 
 def arch_config(name: str):

@@ -6,14 +6,15 @@ memory-efficient and math kernels (no FlashAttention-2, no cuDNN attention), pad
 no flex/Triton attention and no torch.compile. The components of the repo rows come from
 model.hardware.resolve_components at capability 7.5, the function `infer predict` uses on a T4.
 
-speed rows (random weights with the real architecture, as the speed task):
-- seed baseline (same mode, same run): NF4 + unmerged LoRA q/k/v, eager, fp16 autocast, batches of 4;
-- repo 8-bit (today's Kaggle settings: bitsandbytes LLM.int8 base, fp16, LoRA unmerged, padded);
+speed rows (random weights with the real architecture, as the speed task), in this order:
 - repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded, eager (Gemma-2 trained
   with soft-capping) and, for Gemma-2, SDPA mem-efficient (trained with model.attn_softcapping=false);
 - repo fp16 layer split over 2 GPUs, measured stage by stage on one GPU: one stage holds half the
   decoder layers (fp16, LoRA merged); pipelined, two T4s give one stage's rate, so its per-GPU
-  figure (what `x base` compares with the seed's one-GPU rate) is the stage rate / 2.
+  figure (what `x base` compares with the seed's one-GPU rate) is the stage rate / 2;
+- seed baseline (same mode, same run): NF4 + unmerged LoRA q/k/v, eager, fp16 autocast, batches of 4;
+- repo 8-bit (today's Kaggle settings: bitsandbytes LLM.int8 base, fp16, LoRA unmerged, padded).
+The ratios (`x base`) are computed once every row is in, against the seed row of the same run.
 exact rows (tasks=exact): the T4 path's probabilities (fp16; unmerged LoRA, and merged + int8) against the fp32
 plain one-row forward on the same weights: the real small model on real rows, then each of `models` at its
 real widths with its first 4 decoder layers (random weights, random rows up to 1,024 tokens).
@@ -62,74 +63,106 @@ def set_attention(model: PooledClassifier, components: Components) -> None:
 
 
 def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
-    """The T4-mode speed rows of one architecture through `add(name, score, max_length, **extra)`; returns FLOPs per token."""
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    """The T4-mode speed rows of one architecture through `add(name, score, max_length, **extra)`; returns FLOPs per token.
+
+    Setting up is bench work, not the path measured, so it runs on the GPU before the 15 GiB cap (a 9B fp16
+    model built, saved and converted on the CPU took most of a 10-minute command): the fp16 model is built
+    there, saved for the bitsandbytes rows, merged and put in int8; then the cap, and every row runs under it.
+    Rows go fastest first and the bitsandbytes ones last, so a cut run keeps the rest.
+    """
+    from transformers import AutoModelForSequenceClassification
 
     from bench.common import non_embedding_params
 
-    dev = torch.device("cuda")
-    print(t4_memory_cap(dev) or "GPU has <= 15 GiB: no cap needed")
-    first = cfg.max_lengths[0]
+    dev, first, clock = torch.device(cfg.device), cfg.max_lengths[0], time.perf_counter()
+
+    def stage(what: str) -> None:
+        print(f"[{time.perf_counter() - clock:6.0f} s] {arch}: {what}", flush=True)
+
     config = arch_config(arch)
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float16)  # on the CPU: fp16 9B > 15 GiB
+    with torch.device(dev):
+        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float16)
     flops_per_token = 2 * non_embedding_params(base)
-    base.save_pretrained(workdir / arch)
-    with sdpa_backends(SDPA_T4_BACKENDS):
-        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float16)
-        try:
-            quantised = AutoModelForSequenceClassification.from_pretrained(
-                workdir / arch, quantization_config=nf4, dtype=torch.float16, attn_implementation="eager", device_map={"": 0})
-            seed_model = random_lora(quantised, SEED_TARGETS)
-            for m in cfg.max_lengths:
-                add("t4 seed baseline: NF4, LoRA qkv unmerged, eager, fp16, batch 4", seed_scorer(seed_model), m, baseline=True)
-            del seed_model, quantised
-            _free()
-            c = t4_components(arch, quantization="8bit", int8=False, token_budget=cfg.token_budget)
-            eight = AutoModelForSequenceClassification.from_pretrained(
-                workdir / arch, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float16,
-                attn_implementation="eager", device_map={"": 0})
-            head_to_fp32(eight)
-            eight_model = PooledClassifier(random_lora(eight, REPO_TARGETS))
-            set_attention(eight_model, c)
-            add(f"t4 repo 8-bit bnb, LoRA unmerged, {c.attention} (Kaggle now)", repo_scorer(eight_model, "padded", cfg.token_budget), first)
-            del eight_model, eight
-            _free()
-        except Exception as err:  # bitsandbytes missing: keep the repo rows
-            print(f"{arch}: bitsandbytes rows FAILED {type(err).__name__}: {err}")
-        head_to_fp32(base)
-        model = PooledClassifier(random_lora(base, REPO_TARGETS))
-        c = t4_components(arch, token_budget=cfg.token_budget)
-        start = time.perf_counter()
-        done = prepare(model, c.infer, c.layout)  # LoRA merged, int8 W8A8, on the CPU
-        model.to(dev)
-        print(f"{arch}: {'; '.join(done)} in {time.perf_counter() - start:.0f} s; {c.describe()}")
-        for softcapping in ([True, False] if arch == "gemma2" else [True]):
-            c = t4_components(arch, softcapping=softcapping, token_budget=cfg.token_budget)
-            set_attention(model, c)
-            cap = "" if arch != "gemma2" else (", soft-capping" if softcapping else ", no soft-capping")
-            for m in cfg.max_lengths:
-                add(f"t4 repo int8 W8A8 merged, padded, {c.attention}{cap}", repo_scorer(model, "padded", max(cfg.token_budget, m)), m)
-        del model, base
+    stage(f"built on the GPU ({flops_per_token / 2e9:.2f} B non-embedding parameters)")
+    if cfg.t4_bnb:
+        base.save_pretrained(workdir / arch)
+        stage(f"saved to {workdir / arch} for the bitsandbytes rows")
+    head_to_fp32(base)
+    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    c = t4_components(arch, token_budget=cfg.token_budget)
+    done = prepare(model, c.infer, c.layout)  # LoRA merged, int8 W8A8: the fp16 projections are freed
+    del base
+    _free()
+    stage(f"{'; '.join(done)}; {c.describe()}")
+    print(t4_memory_cap(dev) or "GPU has <= 15 GiB: no cap needed")
+    for softcapping in ([True, False] if arch == "gemma2" else [True]):
+        c = t4_components(arch, softcapping=softcapping, token_budget=cfg.token_budget)
+        set_attention(model, c)
+        for m in cfg.max_lengths:
+            add(f"t4 repo int8 W8A8 merged, padded, {c.attention}{_cap(arch, softcapping)}",
+                repo_scorer(model, "padded", max(cfg.token_budget, m)), m)
+        stage("int8 rows done")
+    del model
+    _free()
+    half = arch_config(arch)
+    half.num_hidden_layers = config.num_hidden_layers // 2
+    for softcapping in ([True, False] if arch == "gemma2" else [True]):
+        c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget)
+        torch.manual_seed(0)
+        with torch.device(dev):
+            stage_base = AutoModelForSequenceClassification.from_config(half, dtype=torch.float16)
+        head_to_fp32(stage_base)
+        stage_model = PooledClassifier(random_lora(stage_base, REPO_TARGETS))
+        prepare(stage_model, c.infer, c.layout)
+        set_attention(stage_model, c)
+        add(f"t4 repo fp16 2-GPU layer split, {c.attention}{_cap(arch, softcapping)} (stage/2)",
+            halved(repo_scorer(stage_model, "padded", cfg.token_budget)), first, gpus=2)
+        del stage_model, stage_base
         _free()
-        half = arch_config(arch)
-        half.num_hidden_layers = config.num_hidden_layers // 2
-        for softcapping in ([True, False] if arch == "gemma2" else [True]):
-            c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget)
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                stage = AutoModelForSequenceClassification.from_config(half, dtype=torch.float16)
-            head_to_fp32(stage)
-            stage_model = PooledClassifier(random_lora(stage, REPO_TARGETS))
-            prepare(stage_model, c.infer, c.layout)
-            set_attention(stage_model, c)
-            cap = "" if arch != "gemma2" else (", soft-capping" if softcapping else ", no soft-capping")
-            add(f"t4 repo fp16 2-GPU layer split, {c.attention}{cap} (stage/2)",
-                halved(repo_scorer(stage_model, "padded", cfg.token_budget)), first, gpus=2)
-            del stage_model, stage
-            _free()
+        stage("layer-split stage row done")
+    if cfg.t4_bnb:
+        try:
+            bnb_rows(cfg, arch, workdir, add, stage)
+        except Exception as err:  # bitsandbytes missing: keep the rows above
+            print(f"{arch}: bitsandbytes rows FAILED {type(err).__name__}: {err}")
+            add.failed("t4 bitsandbytes rows", f"{type(err).__name__}: {err}")
     return flops_per_token
+
+
+def bnb_rows(cfg: BenchConfig, arch: str, workdir, add, stage) -> None:
+    """The seed baseline (NF4) and today's Kaggle 8-bit rows, loaded from the saved fp16 model under the cap."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float16)
+    with sdpa_backends(SDPA_T4_BACKENDS):
+        quantised = AutoModelForSequenceClassification.from_pretrained(
+            workdir / arch, quantization_config=nf4, dtype=torch.float16, attn_implementation="eager", device_map={"": 0})
+        stage("NF4 base loaded")
+        seed_model = random_lora(quantised, SEED_TARGETS)
+        for m in cfg.max_lengths:
+            add("t4 seed baseline: NF4, LoRA qkv unmerged, eager, fp16, batch 4", seed_scorer(seed_model), m, baseline=True)
+        del seed_model, quantised
+        _free()
+        stage("seed baseline done")
+        c = t4_components(arch, quantization="8bit", int8=False, token_budget=cfg.token_budget)
+        eight = AutoModelForSequenceClassification.from_pretrained(
+            workdir / arch, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float16,
+            attn_implementation="eager", device_map={"": 0})
+        stage("LLM.int8 base loaded")
+        head_to_fp32(eight)
+        eight_model = PooledClassifier(random_lora(eight, REPO_TARGETS))
+        set_attention(eight_model, c)
+        add(f"t4 repo 8-bit bnb, LoRA unmerged, {c.attention} (Kaggle now)", repo_scorer(eight_model, "padded", cfg.token_budget),
+            cfg.max_lengths[0])
+        del eight_model, eight
+        _free()
+        stage("8-bit row done")
+
+
+def _cap(arch: str, softcapping: bool) -> str:
+    return "" if arch != "gemma2" else (", soft-capping" if softcapping else ", no soft-capping")
 
 
 def halved(score):

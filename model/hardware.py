@@ -204,11 +204,12 @@ def t4_memory_cap(device: torch.device) -> str:
     """Cap this process at T4_MEMORY_GIB on a larger GPU (the T4 profile measured elsewhere); returns what was done."""
     if device.type != "cuda":
         return ""
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the fraction needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
     cap = T4_MEMORY_GIB * 2**30
     if total <= cap:
         return ""
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
     return f"GPU memory capped at {T4_MEMORY_GIB} GiB of {total / 2**30:.0f} GiB (T4 profile)"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from conftest import SAMPLE
 from bench.infer import BenchConfig, random_rows
@@ -90,3 +91,39 @@ def test_t4_exactness_on_random_weights_of_an_architecture(monkeypatch):
     assert [r["path"] for r in results] == ["t4 fp16 padded, unmerged", "t4 fp16 padded, merged, int8"]
     for r in results:
         assert r["model"] == "llama 2 layers" and r["rows"] == 6 and 0 < r["max_abs"] < 0.05, r
+
+
+def test_t4_speed_rows_run_on_a_tiny_gemma2(monkeypatch, tmp_path):
+    """t4_speed's own steps (build, LoRA merge + int8, soft-capping on/off, the half-depth stage) on the CPU with a
+    tiny Gemma-2 standing in for the 9B; the bitsandbytes rows need CUDA and are left out (t4_bnb=false)."""
+    import bench.infer_t4
+    from transformers import Gemma2Config
+
+    from infer.scoring import plan_batches, score_batches
+    from model.settings import InferSettings
+
+    tiny = lambda arch: Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,  # noqa: E731
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_labels=3,
+                                     pad_token_id=0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+
+    def cpu_scorer(model, layout, budget):
+        def score(rows):
+            batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
+            return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cpu"))[1]
+        return score
+
+    monkeypatch.setattr(bench.infer_t4, "arch_config", tiny)
+    monkeypatch.setattr(bench.infer_t4, "repo_scorer", cpu_scorer)
+    cfg = BenchConfig(out=str(tmp_path), device="cpu", t4_mode=True, t4_bnb=False, max_lengths=[64], token_budget=512)
+    rows = {64: random_rows(8, 64, 300)}
+    seen = []
+
+    def add(name, score, max_length, **extra):
+        seen.append((name, score(rows[max_length])["steady_tokens"] >= 0, extra))
+
+    assert bench.infer_t4.t4_speed(cfg, "gemma2", tmp_path, add, rows) > 0
+    assert [name for name, *_ in seen] == [
+        "t4 repo int8 W8A8 merged, padded, eager, soft-capping", "t4 repo int8 W8A8 merged, padded, sdpa, no soft-capping",
+        "t4 repo fp16 2-GPU layer split, eager, soft-capping (stage/2)",
+        "t4 repo fp16 2-GPU layer split, sdpa, no soft-capping (stage/2)"]
+    assert seen[-1][2] == {"gpus": 2}

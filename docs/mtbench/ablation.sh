@@ -47,13 +47,19 @@ case $PHASE in objective|all)
 case $PHASE in methods|all)
   # Issue 17's methods on one GPU, every step in a queue of at most PAR processes (a finished fold is
   # reused on a rerun, so the phase resumes where a cut command left it). Timeline: RUNS/methods-timeline.log.
-  #   plain@42   the recipe; its folds score the pseudo-label pool and its stack with the length model is the teacher
-  #   train64    the recipe on 64 questions; on the 16 others (every fifth, held out of every fold) each fold,
-  #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
-  #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch; `prestaged` = the recipe started from it
+  # STEPS (default: plain distill pseudo prestage merge; also: smooth):
+  #   plain      the recipe; its folds score the pseudo-label pool and its stack with the length model is the teacher
+  #   distill    the recipe with KL to TEACHER (default: that stack's nested OOF; train.distill_from, α 0.5)
+  #   smooth     the recipe with label smoothing 0.1: what soft targets alone buy, beside distill
   #   pseudo     pool = POOL_ROWS AlpacaEval pairs (labels ignored, no MT-Bench prompt); fold k trains with the
-  #              pool as fold k's run alone scored it (data.extra_csv=...pseudo{fold}.csv), weight 0.5
-  #   distill    the recipe with KL to the stacked recipe's nested OOF (train.distill_from, α 0.5)
+  #              pool as fold k's run alone scored it (POOL_PREDS, default RUNS/pool-pred{fold}.csv; weight 0.5)
+  #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch; `prestaged` = the recipe started from it
+  #   merge      the recipe on 64 questions; on the 16 others (every fifth, held out of every fold) each fold,
+  #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
+  # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
+  # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
+  STEPS=" ${STEPS:-plain distill pseudo prestage merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
+  TEACHER=${TEACHER:-$RUNS/stack-seed42}; POOL_PREDS=${POOL_PREDS:-$RUNS/pool-pred\{fold\}.csv}
   HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
   [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
 d[d.question_id.isin(q)].to_csv(sys.argv[2], index=False); d[~d.question_id.isin(q)].to_csv(sys.argv[3], index=False)" "$MT" "$HO" "$TR"
@@ -71,51 +77,65 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
       echo "$(date +%s) end $name $r" >> "$TL" ) &
   }
   recipe() { echo configs/smollm2-mtbench.yaml seed=42 $MTB ${EXTRA:-}; }  # EXTRA: overrides for a smoke test
-  job prestage $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" data.max_train_rows="${PRE_ROWS:-6000}" \
-    data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" train.save_steps=100 ${EXTRA:-}
-  PRE=$!; P42=(); T64=()
-  for k in 0 1 2 3 4; do job plain-seed42-fold$k $PY -m train $(recipe) name=plain fold=$k; P42+=($!); done
-  for k in 0 1 2 3 4; do
+  folds() { for k in 0 1 2 3 4; do job "$1-seed42-fold$k" $PY -m train $(recipe) name="$1" fold=$k "${@:2}"; done; }
+  collect() { $PY -m train $(recipe) name="$1" "${@:2}" > "$RUNS/$1-seed42.log" 2>&1 || true; }  # folds reused: CV, oof
+  PRE=; P42=(); T64=(); PS=()
+  if has prestage; then
+    job prestage $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" data.max_train_rows="${PRE_ROWS:-6000}" \
+      data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" train.save_steps=100 ${EXTRA:-}
+    PRE=$!
+  fi
+  if has plain; then for k in 0 1 2 3 4; do job plain-seed42-fold$k $PY -m train $(recipe) name=plain fold=$k; P42+=($!); done; fi
+  if has merge; then for k in 0 1 2 3 4; do
     job train64-fold$k $PY -m train configs/smollm2-mtbench.yaml name=train64 seed=42 data.train_csv="$TR" \
       data.folds_csv="$RUNS/train64-folds.csv" output_dir="$RUNS" fold=$k ${EXTRA:-}; T64+=($!)
-  done
-  wait "${P42[@]}" || true  # (a job reaped by a slot wait reads as not a child)
-  $PY -m train $(recipe) name=plain > "$RUNS/plain-seed42.log" 2>&1 || true  # every fold reused: CV table, oof-seed42.csv
-  $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
-    method=stack out="$RUNS/stack-seed42" > "$RUNS/stack-seed42.log" 2>&1 || true
-  PS=()
-  for k in 0 1 2 3 4; do  # the pool as fold k's run alone sees it: that run never trained on fold k
-    job pool-fold$k sh -c "$PY -m infer predict runs=$RUNS/plain/fold$k-seed42 csv=$POOL out=$RUNS/pool-pred$k.csv \
-      overwrite=true && $PY -m train.pseudo preds=$RUNS/pool-pred$k.csv csv=$POOL out=$RUNS/pseudo$k.csv weight=0.5 overwrite=true"
-    PS+=($!)
-  done
-  for k in 0 1 2 3 4; do
-    job distill-seed42-fold$k $PY -m train $(recipe) name=distill fold=$k train.distill_from="$RUNS/stack-seed42"
-  done
-  wait "${PS[@]}" || true
-  for k in 0 1 2 3 4; do
-    job pseudo-seed42-fold$k $PY -m train $(recipe) name=pseudo fold=$k "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
-  done
-  wait "${T64[@]}" || true
-  held="$RUNS/train64/fold0-seed42 $RUNS/train64/fold1-seed42 $RUNS/train64/fold2-seed42 $RUNS/train64/fold3-seed42"
-  held="$held $RUNS/train64/fold4-seed42 $(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -) $RUNS/train64-export/members/train64/merged"
-  job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
-    verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
-    out=$RUNS/heldout.csv overwrite=true; done"
-  wait $PRE || true
-  for k in 0 1 2 3 4; do
-    job prestaged-seed42-fold$k $PY -m train $(recipe) name=prestaged fold=$k train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
-  done
+  done; fi
+  if has plain; then
+    wait "${P42[@]}" || true  # (a job reaped by a slot wait reads as not a child)
+    collect plain
+    $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
+      method=stack out="$RUNS/stack-seed42" > "$RUNS/stack-seed42.log" 2>&1 || true
+    if has pseudo && [ "$POOL_PREDS" = "$RUNS/pool-pred{fold}.csv" ]; then for k in 0 1 2 3 4; do
+      # the pool as fold k's run alone sees it: that run never trained on fold k
+      job pool-fold$k $PY -m infer predict runs="$RUNS/plain/fold$k-seed42" csv="$POOL" out="$RUNS/pool-pred$k.csv" overwrite=true
+      PS+=($!)
+    done; fi
+  fi
+  has distill && folds distill train.distill_from="$TEACHER"
+  has smooth && folds smooth train.label_smoothing=0.1
+  if has pseudo; then
+    wait "${PS[@]}" || true
+    for k in 0 1 2 3 4; do
+      $PY -m train.pseudo preds="${POOL_PREDS//\{fold\}/$k}" csv="$POOL" out="$RUNS/pseudo$k.csv" weight=0.5 overwrite=true \
+        > "$RUNS/pseudo-labels$k.log" 2>&1 || true
+    done
+    folds pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
+  fi
+  if has merge; then
+    wait "${T64[@]}" || true
+    held="$RUNS/train64/fold0-seed42 $RUNS/train64/fold1-seed42 $RUNS/train64/fold2-seed42 $RUNS/train64/fold3-seed42"
+    held="$held $RUNS/train64/fold4-seed42 $(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -) $RUNS/train64-export/members/train64/merged"
+    job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
+      verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
+      out=$RUNS/heldout.csv overwrite=true; done"
+  fi
+  if has prestage; then
+    wait $PRE || true
+    folds prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+  fi
   wait
-  # every fold reused: each method's CV table and oof-seed42.csv, then each stacked on the length model (nested)
-  $PY -m train $(recipe) name=distill train.distill_from="$RUNS/stack-seed42" > "$RUNS/distill-seed42.log" 2>&1 || true
-  $PY -m train $(recipe) name=pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true > "$RUNS/pseudo-seed42.log" 2>&1 || true
-  $PY -m train $(recipe) name=prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42" > "$RUNS/prestaged-seed42.log" 2>&1 || true
-  for m in distill pseudo prestaged; do
-    [ ! -f "$RUNS/$m/oof-seed42.csv" ] || $PY -m infer ensemble members="$RUNS/$m@42,$RUNS/length" labels="$MT" \
+  has distill && collect distill train.distill_from="$TEACHER"
+  has smooth && collect smooth train.label_smoothing=0.1
+  has pseudo && collect pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
+  has prestage && collect prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+  # each method stacked on the length model (nested), then all of them together
+  all=
+  for m in plain distill smooth pseudo prestaged; do
+    [ -f "$RUNS/$m/oof-seed42.csv" ] || continue
+    all="$all$RUNS/$m@42,"
+    [ $m = plain ] || $PY -m infer ensemble members="$RUNS/$m@42,$RUNS/length" labels="$MT" \
       folds="$RUNS/mtbench-folds.csv" method=stack out="$RUNS/stack-$m" > "$RUNS/stack-$m.log" 2>&1 || true
   done
-  all=$(for m in plain distill pseudo prestaged; do [ ! -f "$RUNS/$m/oof-seed42.csv" ] || printf '%s,' "$RUNS/$m@42"; done)
   $PY -m infer ensemble members="${all}$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
     out="$RUNS/stack-methods" > "$RUNS/stack-methods.log" 2>&1 || true
   echo "$(date +%s) end methods" >> "$TL" ;; esac
