@@ -177,3 +177,22 @@ def test_predict_on_the_t4_profile_keeps_ids_and_stays_close(llama_run, sample_r
     diff = np.abs(t4[list(LABEL_COLS)].to_numpy() - plain[list(LABEL_COLS)].to_numpy())
     print(f"\npredict t4 (fp16, int8) vs fp32: max {diff.max():.1e} mean {diff.mean():.1e}")
     assert 0 < diff.max() < 0.02
+
+
+@pytest.mark.parametrize("device", [torch.device("cuda"), torch.device("cuda", 1)])
+def test_t4_memory_cap_on_a_larger_gpu(monkeypatch, device):
+    """The cap is a fraction of the named GPU (the current one for a bare `cuda`), never set on a 15 GiB card."""
+    from types import SimpleNamespace
+
+    from model.hardware import t4_memory_cap
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=(i + 1) * 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.append((f, i)))
+    index = device.index or 0
+    assert t4_memory_cap(device) == f"GPU memory capped at 15 GiB of {(index + 1) * 140} GiB (T4 profile)"
+    assert calls == [(15 / ((index + 1) * 140), index)]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=15 * 2**30))
+    assert t4_memory_cap(device) == "" and len(calls) == 1
+    assert t4_memory_cap(torch.device("cpu")) == ""

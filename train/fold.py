@@ -69,14 +69,17 @@ def fold_rows(cfg: TrainConfig, df: pd.DataFrame, excluded: set[str],
     (extra_csv_path) is fold k's own file, e.g. pseudo-labels made by fold k's run alone; files named
     without it are read once and shared."""
     frames: dict[str, pd.DataFrame] = {}
+    extras: dict[tuple[str, ...], pd.DataFrame] = {}
     out = {}
     for fold in folds:
-        paths = [extra_csv_path(p, fold) for p in cfg.data.extra_csv]
+        paths = tuple(extra_csv_path(p, fold) for p in cfg.data.extra_csv)
         for path in paths:
             if path not in frames:
                 frames[path], extra_report = _read_labelled(cfg, path)
                 print(extra_report.summary())
-        out[fold] = teacher_and_weights(cfg, df, _extra_rows(df, [frames[p] for p in paths], excluded), fold)
+        if paths not in extras:
+            extras[paths] = _extra_rows(df, [frames[p] for p in paths], excluded)
+        out[fold] = teacher_and_weights(cfg, df, extras[paths], fold)
     return out
 
 
