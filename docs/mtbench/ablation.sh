@@ -56,6 +56,8 @@ case $PHASE in methods|all)
   #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch; `prestaged` = the recipe started from it
   #   merge      the recipe on 64 questions; on the 16 others (every fifth, held out of every fold) each fold,
   #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
+  #   distill64  distillation without the leak: the 64-question recipe's stack is the teacher of 64-question
+  #              students; both five-fold ensembles are scored on the 16 held-out questions
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
   STEPS=" ${STEPS:-plain distill pseudo prestage merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
@@ -86,9 +88,9 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     PRE=$!
   fi
   if has plain; then for k in 0 1 2 3 4; do job plain-seed42-fold$k $PY -m train $(recipe) name=plain fold=$k; P42+=($!); done; fi
-  if has merge; then for k in 0 1 2 3 4; do
-    job train64-fold$k $PY -m train configs/smollm2-mtbench.yaml name=train64 seed=42 data.train_csv="$TR" \
-      data.folds_csv="$RUNS/train64-folds.csv" output_dir="$RUNS" fold=$k ${EXTRA:-}; T64+=($!)
+  t64() { echo configs/smollm2-mtbench.yaml seed=42 data.train_csv=$TR data.folds_csv=$RUNS/train64-folds.csv output_dir=$RUNS ${EXTRA:-}; }
+  if has merge || has distill64; then for k in 0 1 2 3 4; do
+    job train64-fold$k $PY -m train $(t64) name=train64 fold=$k; T64+=($!)
   done; fi
   if has plain; then
     wait "${P42[@]}" || true  # (a job reaped by a slot wait reads as not a child)
@@ -111,8 +113,16 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     done
     folds pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
   fi
+  if has merge || has distill64; then wait "${T64[@]}" || true; fi
+  if has distill64; then  # distillation measured without the leak: teacher and students never see the 16 held-out questions
+    [ -d "$RUNS/length64" ] || $PY -m train.length csv="$TR" folds="$RUNS/train64-folds.csv" out="$RUNS/length64" \
+      > "$RUNS/length64.log" 2>&1 || true
+    $PY -m train $(t64) name=train64 fold=all > "$RUNS/train64-seed42.log" 2>&1 || true  # folds reused: oof-seed42.csv
+    $PY -m infer ensemble members="$RUNS/train64@42,$RUNS/length64" labels="$TR" folds="$RUNS/train64-folds.csv" \
+      method=stack out="$RUNS/stack64" > "$RUNS/stack64.log" 2>&1 || true
+    for k in 0 1 2 3 4; do job distill64-fold$k $PY -m train $(t64) name=distill64 fold=$k train.distill_from="$RUNS/stack64"; done
+  fi
   if has merge; then
-    wait "${T64[@]}" || true
     held="$RUNS/train64/fold0-seed42 $RUNS/train64/fold1-seed42 $RUNS/train64/fold2-seed42 $RUNS/train64/fold3-seed42"
     held="$held $RUNS/train64/fold4-seed42 $(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -) $RUNS/train64-export/members/train64/merged"
     job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
@@ -128,6 +138,14 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   has smooth && collect smooth train.label_smoothing=0.1
   has pseudo && collect pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
   has prestage && collect prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+  if has distill64; then  # the five folds of each on the held-out questions
+    : > "$RUNS/heldout64.log"
+    for m in train64 distill64; do
+      echo "== $m" >> "$RUNS/heldout64.log"
+      $PY -m infer predict runs="$(ls -d "$RUNS/$m"/fold*-seed42 | paste -sd, -)" csv="$HO" out="$RUNS/heldout-$m.csv" \
+        overwrite=true >> "$RUNS/heldout64.log" 2>&1 || true
+    done
+  fi
   # each method stacked on the length model (nested), then all of them together
   all=
   for m in plain distill smooth pseudo prestaged; do
