@@ -203,15 +203,7 @@ def t4_exact(cfg: BenchConfig) -> list[dict]:
             head.mul_(scale)
         mtype = model.base.config.model_type
         c = resolve_components(T4_CAPABILITY, mtype, mcfg, InferSettings(int8=True, token_budget=cfg.token_budget))
-        set_attention(model, c)
-        batches, _ = plan_batches(list(map(len, seqs)), c.infer, "padded")
-        with sdpa_backends(c.sdpa_backends):
-            for name, settings in (("t4 fp16 padded, unmerged", None), ("t4 fp16 padded, merged, int8", c.infer)):
-                if settings is not None:
-                    prepare(model, settings, "padded")
-                logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], formatter.pad_id, "padded",
-                                          cfg.token_budget, dev)
-                probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
+        probs.update(t4_paths(model, c, seqs, formatter.pad_id, cfg.token_budget, dev))
     results += compared(probs, len(df), "real")
     del model
     _free()
@@ -219,6 +211,23 @@ def t4_exact(cfg: BenchConfig) -> list[dict]:
         results += t4_exact_random(cfg, arch)
         _free()
     return results
+
+
+def t4_paths(model: PooledClassifier, c: Components, seqs: list[list[int]], pad_id: int, budget: int,
+             dev: torch.device) -> dict[str, np.ndarray]:
+    """Probabilities of the T4 path on an fp16 model: LoRA unmerged, then merged + int8 (the model is converted)."""
+    from infer.metrics import softmax
+
+    set_attention(model, c)
+    batches, _ = plan_batches(list(map(len, seqs)), c.infer, "padded")
+    probs = {}
+    with sdpa_backends(c.sdpa_backends):
+        for name, settings in (("t4 fp16 padded, unmerged", None), ("t4 fp16 padded, merged, int8", c.infer)):
+            if settings is not None:
+                prepare(model, settings, "padded")
+            logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], pad_id, "padded", budget, dev)
+            probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
+    return probs
 
 
 def compared(probs: dict, rows: int, model: str) -> list[dict]:
@@ -250,13 +259,5 @@ def t4_exact_random(cfg: BenchConfig, arch: str, layers: int = 4, rows: int = 64
         probs = {"fp32 plain one-row": softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))}
     model.base.to(torch.float16)
     head_to_fp32(model.base)
-    c = t4_components(arch, token_budget=cfg.token_budget)
-    set_attention(model, c)
-    batches, _ = plan_batches(list(map(len, seqs)), c.infer, "padded")
-    with sdpa_backends(c.sdpa_backends):
-        for name, settings in (("t4 fp16 padded, unmerged", None), ("t4 fp16 padded, merged, int8", c.infer)):
-            if settings is not None:
-                prepare(model, settings, "padded")
-            logits, _ = score_batches(model, [[seqs[i] for i in b] for b in batches], 0, "padded", cfg.token_budget, dev)
-            probs[name] = softmax(unbatch(batches, logits, len(seqs)).astype(np.float64))
+    probs.update(t4_paths(model, t4_components(arch, token_budget=cfg.token_budget), seqs, 0, cfg.token_budget, dev))
     return compared(probs, rows, f"{arch} {layers} layers")
