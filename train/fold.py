@@ -70,17 +70,22 @@ def fold_rows(cfg: TrainConfig, df: pd.DataFrame, excluded: set[str],
     without it are read once and shared."""
     frames: dict[str, pd.DataFrame] = {}
     extras: dict[tuple[str, ...], pd.DataFrame] = {}
-    out = {}
+    paths_of = {}
     for fold in folds:
-        paths = tuple(extra_csv_path(p, fold) for p in cfg.data.extra_csv)
+        paths_of[fold] = paths = tuple(extra_csv_path(p, fold) for p in cfg.data.extra_csv)
         for path in paths:
             if path not in frames:
                 frames[path], extra_report = _read_labelled(cfg, path)
                 print(extra_report.summary())
         if paths not in extras:
             extras[paths] = _extra_rows(df, [frames[p] for p in paths], excluded)
-        out[fold] = teacher_and_weights(cfg, df, extras[paths], fold)
-    return out
+    check_weights(cfg, df, list(extras.values()))
+    if cfg.train.distill_from:  # the teacher read and checked once, for every row some fold trains on
+        needed = pd.concat([ids for fold in folds for ids in (
+            df.loc[~df["excluded"] & (df["fold"] != fold), "id"], extras[paths_of[fold]]["id"])]).drop_duplicates()
+        df, *attached = attach_teacher([df, *extras.values()], cfg.train.distill_from, needed)
+        extras = dict(zip(extras, attached))
+    return {fold: (df, extras[paths_of[fold]]) for fold in folds}
 
 
 def _extra_rows(df: pd.DataFrame, frames: list[pd.DataFrame], excluded: set[str]) -> pd.DataFrame:
@@ -97,20 +102,14 @@ def _extra_rows(df: pd.DataFrame, frames: list[pd.DataFrame], excluded: set[str]
     return kept[~kept["excluded"]].reset_index(drop=True)
 
 
-def teacher_and_weights(cfg: TrainConfig, df: pd.DataFrame, extra: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-row weights checked against the objective; with train.distill_from, each row's teacher
-    probabilities (the run stops here, before any model loads, when a row to be trained on has none)."""
-    weighted = [p for p, f in ((cfg.data.train_csv, df), ("data.extra_csv", extra))
+def check_weights(cfg: TrainConfig, df: pd.DataFrame, extras: list[pd.DataFrame]) -> None:
+    """Per-row weights checked against the objective before any model loads."""
+    weighted = [p for p, f in ((cfg.data.train_csv, df), *(("data.extra_csv", e) for e in extras))
                 if WEIGHT_COL in f and (f[WEIGHT_COL] != 1).any()]
     if weighted and cfg.train.objective == "bradley_terry":
-        raise ConfigError(f"{', '.join(weighted)}: a {WEIGHT_COL} column other than 1, which train.objective=bradley_terry "
-                          "cannot honour (trl's reward loss has no row weights); use train.objective=classify")
-    if not cfg.train.distill_from:
-        return df, extra
-    trained = ~df["excluded"] & (df["fold"] != fold)  # its held-out rows need no teacher
-    needed = pd.concat([df.loc[trained, "id"], extra["id"]], ignore_index=True)
-    df, extra = attach_teacher([df, extra], cfg.train.distill_from, needed)
-    return df, extra
+        raise ConfigError(f"{', '.join(dict.fromkeys(weighted))}: a {WEIGHT_COL} column other than 1, which "
+                          "train.objective=bradley_terry cannot honour (trl's reward loss has no row weights); "
+                          "use train.objective=classify")
 
 
 def encode_examples(formatter: Formatter, df: pd.DataFrame, swap_aug: bool) -> list[dict]:
