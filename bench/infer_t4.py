@@ -31,8 +31,8 @@ from bench.common import (REPO_TARGETS, SEED_TARGETS, BenchConfig, arch_config, 
                           random_rows, repo_scorer, seed_scorer)
 from infer.scoring import plan_batches, prepare, score_batches, unbatch
 from model.factory import HEAD, PooledClassifier, head_to_fp32
-from model.hardware import (SDPA_ALIAS, SDPA_T4_BACKENDS, T4_CAPABILITY, Components, resolve_components, sdpa_backends,
-                            t4_memory_cap)
+from model.hardware import (SDPA_T4_BACKENDS, T4_CAPABILITY, Components, attention_name, resolve_components,
+                            sdpa_backends, t4_memory_cap)
 from model.settings import InferSettings, ModelConfig
 
 MODEL_TYPES = {"gemma2": "gemma2", "llama": "llama", "tiny": "llama"}
@@ -53,13 +53,7 @@ def set_attention(model: PooledClassifier, components: Components) -> None:
         base.config.attn_logit_softcapping = None
         for layer in getattr(base, base.base_model_prefix).layers:
             layer.self_attn.attn_logit_softcapping = None
-    if components.attention == "sdpa" and base.config.model_type == "gemma2":
-        from model.hardware import register_sdpa_alias
-
-        register_sdpa_alias()
-        base.config._attn_implementation = SDPA_ALIAS
-    else:
-        base.config._attn_implementation = components.attention
+    base.config._attn_implementation = attention_name(components.attention, base.config.model_type)
 
 
 def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
@@ -96,7 +90,8 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
     _free()
     stage(f"{'; '.join(done)}; {c.describe()}")
     print(t4_memory_cap(dev) or "GPU has <= 15 GiB: no cap needed")
-    for softcapping in ([True, False] if arch == "gemma2" else [True]):
+    cappings = [True, False] if arch == "gemma2" else [True]  # Gemma-2 trained with and without soft-capping
+    for softcapping in cappings:
         c = t4_components(arch, softcapping=softcapping, token_budget=cfg.token_budget)
         set_attention(model, c)
         for m in cfg.max_lengths:
@@ -107,7 +102,7 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
     _free()
     half = arch_config(arch)
     half.num_hidden_layers = config.num_hidden_layers // 2
-    for softcapping in ([True, False] if arch == "gemma2" else [True]):
+    for softcapping in cappings:
         c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget)
         torch.manual_seed(0)
         with torch.device(dev):
@@ -182,7 +177,6 @@ def _free() -> None:
 def t4_exact(cfg: BenchConfig) -> list[dict]:
     """The T4 path's probabilities (fp16) against the fp32 plain one-row forward on the same random LoRA and head."""
     from data.io import read_competition_csv
-    from infer.metrics import softmax
 
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
@@ -191,16 +185,11 @@ def t4_exact(cfg: BenchConfig) -> list[dict]:
     scale, probs, results = None, {}, []
     for dtype in ("float32", "float16"):
         mcfg, formatter, seqs, model = exact_model(cfg, dtype, dev, df)
-        head = getattr(model.base, HEAD).modules_to_save["default"].weight
         if dtype == "float32":
-            with torch.inference_mode():
-                pooled = one_row_pooled(model, seqs, dev)
-                scale = 1 / (pooled @ head.T).std()  # unit-std logits, as the exact task
-                head.mul_(scale)
-                probs["fp32 plain one-row"] = softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))
+            probs["fp32 plain one-row"], scale = reference_probs(model, seqs, dev)
             continue
         with torch.no_grad():
-            head.mul_(scale)
+            getattr(model.base, HEAD).modules_to_save["default"].weight.mul_(scale)
         mtype = model.base.config.model_type
         c = resolve_components(T4_CAPABILITY, mtype, mcfg, InferSettings(int8=True, token_budget=cfg.token_budget))
         probs.update(t4_paths(model, c, seqs, formatter.pad_id, cfg.token_budget, dev))
@@ -230,6 +219,19 @@ def t4_paths(model: PooledClassifier, c: Components, seqs: list[list[int]], pad_
     return probs
 
 
+def reference_probs(model: PooledClassifier, seqs: list[list[int]], dev: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """The fp32 reference: each row alone through the backbone, the head scaled in place to unit-std logits (as
+    the exact task); returns its probabilities and the scale, for a second copy of the same weights."""
+    from infer.metrics import softmax
+
+    head = getattr(model.base, HEAD).modules_to_save["default"].weight
+    with torch.inference_mode():
+        pooled = one_row_pooled(model, seqs, dev)
+        scale = 1 / (pooled @ head.T).std()
+        head.mul_(scale)
+        return softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64)), scale
+
+
 def compared(probs: dict, rows: int, model: str) -> list[dict]:
     ref = probs.pop("fp32 plain one-row")
     return [{"dtype": "float16", "model": model, "path": name, "against": "fp32 plain one-row", "rows": rows,
@@ -241,8 +243,6 @@ def t4_exact_random(cfg: BenchConfig, arch: str, layers: int = 4, rows: int = 64
     cut to its first `layers` decoder layers so the fp32 reference fits the 15 GiB cap."""
     from transformers import AutoModelForSequenceClassification
 
-    from infer.metrics import softmax
-
     dev = torch.device(cfg.device)
     config = arch_config(arch)
     config.num_hidden_layers = layers
@@ -252,11 +252,7 @@ def t4_exact_random(cfg: BenchConfig, arch: str, layers: int = 4, rows: int = 64
         base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     head_to_fp32(base)
     model = PooledClassifier(random_lora(base, REPO_TARGETS))
-    head = getattr(model.base, HEAD).modules_to_save["default"].weight
-    with torch.inference_mode():
-        pooled = one_row_pooled(model, seqs, dev)
-        head.mul_(1 / (pooled @ head.T).std())  # unit-std logits, as the exact task
-        probs = {"fp32 plain one-row": softmax(getattr(model.base, HEAD)(pooled).cpu().numpy().astype(np.float64))}
+    probs = {"fp32 plain one-row": reference_probs(model, seqs, dev)[0]}
     model.base.to(torch.float16)
     head_to_fp32(model.base)
     probs.update(t4_paths(model, t4_components(arch, token_budget=cfg.token_budget), seqs, 0, cfg.token_budget, dev))

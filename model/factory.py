@@ -132,9 +132,7 @@ def load_base(cfg: ModelConfig, pad_token_id: int, device: torch.device, packed:
     if packed:
         attn = packing.register()
     else:
-        attn, _ = hardware.padded_attention(config.model_type, cfg)
-        if attn == "sdpa" and config.model_type == "gemma2":  # declares no SDPA support, for the cap it no longer has
-            attn = hardware.register_sdpa_alias()
+        attn = hardware.attention_name(hardware.padded_attention(config.model_type, cfg)[0], config.model_type)
     with dropped_log("transformers.modeling_utils", "LOAD REPORT") if head_restored else contextlib.nullcontext():
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, attn_implementation=attn, local_files_only=True, **kwargs

@@ -120,9 +120,13 @@ def resolve_components(capability: tuple[int, int] | None, model_type: str, mode
     return _t4(capability, model_type, model, infer)
 
 
+def _where(capability: tuple[int, int] | None) -> str:
+    return "CPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+
+
 def _default(capability, model_type: str, model: ModelConfig, infer: InferSettings) -> Components:
     layout = resolve_layout(infer.layout, capability)
-    where = "CPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+    where = _where(capability)
     notes = [f"profile default ({where}; infer.profile={infer.profile})",
              f"{layout} layout" + (f" (infer.layout=auto on {where})" if infer.layout == "auto" else "")]
     if layout == "packed":
@@ -138,7 +142,7 @@ def _default(capability, model_type: str, model: ModelConfig, infer: InferSettin
 
 
 def _t4(capability, model_type: str, model: ModelConfig, infer: InferSettings) -> Components:
-    where = "CPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+    where = _where(capability)
     notes = [f"profile t4 ({where}; infer.profile={infer.profile}): only sm75 kernels"]
     changes: dict = {}
     if model.compute_dtype != "float16":
@@ -184,6 +188,13 @@ def register_sdpa_alias() -> str:
     AttentionInterface.register(SDPA_ALIAS, sdpa_attention_forward)
     AttentionMaskInterface.register(SDPA_ALIAS, sdpa_mask)
     return SDPA_ALIAS
+
+
+def attention_name(attention: str, model_type: str) -> str:
+    """The attn_implementation transformers is given for `attention`: SDPA on Gemma-2 under SDPA_ALIAS."""
+    if attention == "sdpa" and model_type == "gemma2":  # declares no SDPA support, for the cap it no longer has
+        return register_sdpa_alias()
+    return attention
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
