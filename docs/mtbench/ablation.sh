@@ -79,15 +79,19 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
       echo "$(date +%s) end $name $r" >> "$TL" ) &
   }
   recipe() { echo configs/smollm2-mtbench.yaml seed=42 $MTB ${EXTRA:-}; }  # EXTRA: overrides for a smoke test
-  folds() { for k in 0 1 2 3 4; do job "$1-seed42-fold$k" $PY -m train $(recipe) name="$1" fold=$k "${@:2}"; done; }
-  collect() { $PY -m train $(recipe) name="$1" "${@:2}" > "$RUNS/$1-seed42.log" 2>&1 || true; }  # folds reused: CV, oof
+  # each method's overrides, written once: its folds and its fold=all collection must ask for the same settings
+  declare -A ARGS=([plain]="" [distill]="train.distill_from=$TEACHER" [smooth]="train.label_smoothing=0.1"
+    [pseudo]="data.extra_csv=$RUNS/pseudo{fold}.csv train.soft_labels=true"
+    [prestaged]="train.init_from=$RUNS/smollm2-alpaca/fold0-seed42")
+  folds() { PIDS=(); for k in 0 1 2 3 4; do job "$1-seed42-fold$k" $PY -m train $(recipe) name="$1" fold=$k ${ARGS[$1]}; PIDS+=($!); done; }
+  collect() { $PY -m train $(recipe) name="$1" ${ARGS[$1]} > "$RUNS/$1-seed42.log" 2>&1 || true; }  # folds reused: CV, oof
   PRE=; P42=(); T64=(); PS=()
   if has prestage; then
     job prestage $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" data.max_train_rows="${PRE_ROWS:-6000}" \
       data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" train.save_steps=100 ${EXTRA:-}
     PRE=$!
   fi
-  if has plain; then for k in 0 1 2 3 4; do job plain-seed42-fold$k $PY -m train $(recipe) name=plain fold=$k; P42+=($!); done; fi
+  if has plain; then folds plain; P42=("${PIDS[@]}"); fi
   t64() { echo configs/smollm2-mtbench.yaml seed=42 data.train_csv=$TR data.folds_csv=$RUNS/train64-folds.csv output_dir=$RUNS ${EXTRA:-}; }
   if has merge || has distill64; then for k in 0 1 2 3 4; do
     job train64-fold$k $PY -m train $(t64) name=train64 fold=$k; T64+=($!)
@@ -103,15 +107,15 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
       PS+=($!)
     done; fi
   fi
-  has distill && folds distill train.distill_from="$TEACHER"
-  has smooth && folds smooth train.label_smoothing=0.1
+  has distill && folds distill
+  has smooth && folds smooth
   if has pseudo; then
     wait "${PS[@]}" || true
     for k in 0 1 2 3 4; do
       $PY -m train.pseudo preds="${POOL_PREDS//\{fold\}/$k}" csv="$POOL" out="$RUNS/pseudo$k.csv" weight=0.5 overwrite=true \
         > "$RUNS/pseudo-labels$k.log" 2>&1 || true
     done
-    folds pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
+    folds pseudo
   fi
   if has merge || has distill64; then wait "${T64[@]}" || true; fi
   if has distill64; then  # distillation measured without the leak: teacher and students never see the 16 held-out questions
@@ -123,21 +127,19 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     for k in 0 1 2 3 4; do job distill64-fold$k $PY -m train $(t64) name=distill64 fold=$k train.distill_from="$RUNS/stack64"; done
   fi
   if has merge; then
-    held="$RUNS/train64/fold0-seed42 $RUNS/train64/fold1-seed42 $RUNS/train64/fold2-seed42 $RUNS/train64/fold3-seed42"
-    held="$held $RUNS/train64/fold4-seed42 $(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -) $RUNS/train64-export/members/train64/merged"
+    held="$(ls -d "$RUNS"/train64/fold*-seed42 | tr '\n' ' ')$(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -)"
+    held="$held $RUNS/train64-export/members/train64/merged"
     job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
       verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
       out=$RUNS/heldout.csv overwrite=true; done"
   fi
   if has prestage; then
     wait $PRE || true
-    folds prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+    folds prestaged
   fi
   wait
-  has distill && collect distill train.distill_from="$TEACHER"
-  has smooth && collect smooth train.label_smoothing=0.1
-  has pseudo && collect pseudo "data.extra_csv=$RUNS/pseudo{fold}.csv" train.soft_labels=true
-  has prestage && collect prestaged train.init_from="$RUNS/smollm2-alpaca/fold0-seed42"
+  for m in distill smooth pseudo; do has $m && collect $m; done
+  has prestage && collect prestaged
   if has distill64; then  # the five folds of each on the held-out questions
     : > "$RUNS/heldout64.log"
     for m in train64 distill64; do
