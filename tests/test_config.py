@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO
 from cli.config import ConfigError, build_config, load_config
@@ -91,3 +92,13 @@ def test_cli_help_and_errors_exit_cleanly():
     bad = subprocess.run([sys.executable, "-m", "train", "configs/tiny-llama.yaml", "model.nope=1"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "model.nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_distill_config_is_the_recipe_plus_its_teacher():
+    """configs/smollm2-mtbench-distill.yaml copies the recipe (one YAML per run: no includes); only the
+    train.distill_* keys may differ, so the README's comparison stays recipe against recipe + teacher."""
+    recipe = yaml.safe_load((REPO / "configs" / "smollm2-mtbench.yaml").read_text())
+    distill = yaml.safe_load((REPO / "configs" / "smollm2-mtbench-distill.yaml").read_text())
+    added = {k: distill["train"].pop(k) for k in [k for k in distill["train"] if k.startswith("distill_")]}
+    assert distill == recipe
+    assert added == {"distill_from": "runs/stack-seed42", "distill_weight": 0.5, "distill_temperature": 1.0}

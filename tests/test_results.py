@@ -1,5 +1,6 @@
-"""README's figures from the methods phase's first pass, recomputed from the files it brought back
-(docs/mtbench/methods-pass1/) and the MT-Bench votes; skipped where ../shared/data is absent."""
+"""README's figures from the methods phase's two GPU passes, recomputed from the files they brought back
+(docs/mtbench/methods-pass1/, methods-pass2/) and the MT-Bench votes; skipped where ../shared/data is absent.
+The stacks of the second pass are refitted here (nested, as `infer ensemble` does), not read back."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,13 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from data.folds import attach_folds, make_folds
 from data.io import LABEL_COLS, read_competition_csv
+from infer.ensemble import fit_ensemble
 from infer.metrics import log_loss, read_probs
 
 PASS1 = REPO / "docs" / "mtbench" / "methods-pass1"
+PASS2 = REPO / "docs" / "mtbench" / "methods-pass2"
 MT = SHARED_DATA / "mtbench_human.csv"
 pytestmark = pytest.mark.skipif(not MT.is_file(), reason=f"{MT} absent")
 
@@ -59,3 +63,55 @@ def test_pool_predictions_against_gpt4_labels():
         agreement.append((pred[list(LABEL_COLS)].to_numpy().argmax(1) == target.argmax(1)).mean())
     assert (round(min(losses), 3), round(max(losses), 3)) == (0.598, 0.647)
     assert (round(min(agreement), 3), round(max(agreement), 3)) == (0.816, 0.823)
+
+
+@pytest.fixture(scope="module")
+def folded(truth) -> pd.DataFrame:
+    """The MT-Bench rows with the folds every run used (data.folds, grouped by question, seed 42)."""
+    rows = truth.reset_index()
+    return attach_folds(rows, make_folds(rows, group_col="question_id"))
+
+
+def test_pass2_methods_all_folds(truth):
+    for name, expected in (("distill", 0.9100), ("pseudo", 0.9312)):
+        oof = read_probs(PASS2 / f"{name}-oof-seed42.csv")
+        assert len(oof) == 1689 and oof["id"].is_unique
+        assert round(loss(truth, oof), 4) == expected
+        assert round(json.loads((PASS2 / f"{name}-cv-seed42.json").read_text())["oof_log_loss"], 4) == expected
+
+
+def test_pass2_stacks_refitted(folded):
+    oof = {"plain": read_probs(PASS1 / "plain-oof-seed42.csv"), "distill": read_probs(PASS2 / "distill-oof-seed42.csv"),
+           "pseudo": read_probs(PASS2 / "pseudo-oof-seed42.csv"), "length": read_probs(PASS2 / "length-oof.csv")}
+    nested = {}
+    for combo in ("plain", "distill", "pseudo", "plain+distill", "plain+distill+pseudo"):
+        recipe, _ = fit_ensemble({m: oof[m] for m in combo.split("+") + ["length"]}, folded, "stack")
+        nested[combo] = round(recipe["oof_log_loss"]["ensemble_nested"], 4)
+    # plain reproduces the first pass's stack, which is what makes the others comparable with it
+    assert nested == {"plain": 0.9182, "distill": 0.9058, "pseudo": 0.9184, "plain+distill": 0.9070,
+                      "plain+distill+pseudo": 0.9109}
+
+
+def test_pass2_held_out_questions(truth):
+    """Every fifth question (16) held out of every fold of the 64-question runs: the fold ensemble, the merged
+    adapter and the leak-free distillation, each on the same 315 rows."""
+    qs = sorted(truth["question_id"].unique())[::5]
+    held = truth.index[truth["question_id"].isin(qs)]
+    got = {}
+    for name in ("train64", "merged", "distill64"):
+        pred = read_probs(PASS2 / f"heldout-{name}.csv")
+        assert sorted(pred["id"]) == sorted(held)
+        got[name] = round(loss(truth, pred), 4)
+    assert got == {"train64": 0.9242, "merged": 0.9243, "distill64": 0.9057}
+    singles = [float(line.split()[2]) for line in (PASS2 / "merge.log").read_text().splitlines() if line.startswith("log loss")]
+    assert [round(x, 4) for x in singles[:5]] == [0.9214, 0.9348, 0.9235, 0.9332, 0.9418]
+    assert len(set(truth.loc[held, "question_id"])) == 16
+
+
+def test_pass2_train64_students_out_of_fold(truth):
+    """The 64-question recipe, its stack with the length model (the teacher) and its distilled students, out of fold
+    (their folds: data.folds on the 64 questions); the students' teacher leak is why the held-out test above exists."""
+    for name, expected in (("train64", 0.9397), ("stack64", 0.9240), ("distill64", 0.9243)):
+        oof = read_probs(PASS2 / (f"{name}-oof.csv" if name == "stack64" else f"{name}-oof-seed42.csv"))
+        assert len(oof) == 1374 and oof["id"].is_unique
+        assert round(loss(truth, oof), 4) == expected

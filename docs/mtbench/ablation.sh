@@ -60,6 +60,8 @@ case $PHASE in methods|all)
   #              students; both five-fold ensembles are scored on the 16 held-out questions
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
+  # PAR: 9 on one H200 (at 10, three folds ran out of GPU memory). Starting the CUDA multi-process service first
+  # (nvidia-cuda-mps-control -d) cut a fold from about 460 s to 340-370 s side by side (docs/mtbench/methods-pass2/).
   STEPS=" ${STEPS:-plain distill pseudo prestage merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
   TEACHER=${TEACHER:-$RUNS/stack-seed42}; POOL_PREDS=${POOL_PREDS:-$RUNS/pool-pred\{fold\}.csv}
   HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
