@@ -110,10 +110,14 @@ def result_table(results: list[dict], columns: list[tuple[str, str, int, str]], 
     return "\n".join(lines)
 
 
-def repo_scorer(model: PooledClassifier, layout: str, budget: int):
+def repo_scorer(model: PooledClassifier, layout: str, budget: int, infer: InferSettings | None = None,
+                device: torch.device = torch.device("cuda")):
+    """Rows scored as `infer predict` batches them: `infer` is the resolved settings (the T4 rows' eager score budget)."""
+    settings = dataclasses.replace(infer, token_budget=budget) if infer is not None else InferSettings(token_budget=budget)
+
     def score(rows):
-        batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
-        return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cuda"))[1]
+        batches, _ = plan_batches(list(map(len, rows)), settings, layout)
+        return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, device)[1]
     return score
 
 

@@ -7,7 +7,8 @@ no flex/Triton attention and no torch.compile. The components of the repo rows c
 model.hardware.resolve_components at capability 7.5, the function `infer predict` uses on a T4.
 
 speed rows (random weights with the real architecture, as the speed task), in this order:
-- repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded, eager (Gemma-2 trained
+- repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded (batched as infer predict: eager batches
+  bounded by infer.score_budget), eager (Gemma-2 trained
   with soft-capping) and, for Gemma-2, SDPA mem-efficient (trained with model.attn_softcapping=false);
 - repo fp16 layer split over 2 GPUs, measured stage by stage on one GPU: one stage holds half the
   decoder layers (fp16, LoRA merged); pipelined, two T4s give one stage's rate, so its per-GPU
@@ -96,7 +97,7 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
         set_attention(model, c)
         for m in cfg.max_lengths:
             add(f"t4 repo int8 W8A8 merged, padded, {c.attention}{_cap(arch, softcapping)}",
-                repo_scorer(model, "padded", max(cfg.token_budget, m)), m)
+                repo_scorer(model, "padded", max(cfg.token_budget, m), c.infer, dev), m)
         stage("int8 rows done")
     del model
     _free()
@@ -112,7 +113,7 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
         prepare(stage_model, c.infer, c.layout)
         set_attention(stage_model, c)
         add(f"t4 repo fp16 2-GPU layer split, {c.attention}{_cap(arch, softcapping)} (stage/2)",
-            halved(repo_scorer(stage_model, "padded", cfg.token_budget)), first, gpus=2)
+            halved(repo_scorer(stage_model, "padded", cfg.token_budget, c.infer, dev)), first, gpus=2)
         del stage_model, stage_base
         _free()
         stage("layer-split stage row done")
@@ -149,7 +150,7 @@ def bnb_rows(cfg: BenchConfig, arch: str, workdir, add, stage) -> None:
         head_to_fp32(eight)
         eight_model = PooledClassifier(random_lora(eight, REPO_TARGETS))
         set_attention(eight_model, c)
-        add(f"t4 repo 8-bit bnb, LoRA unmerged, {c.attention} (Kaggle now)", repo_scorer(eight_model, "padded", cfg.token_budget),
+        add(f"t4 repo 8-bit bnb, LoRA unmerged, {c.attention} (Kaggle now)", repo_scorer(eight_model, "padded", cfg.token_budget, c.infer),
             cfg.max_lengths[0])
         del eight_model, eight
         _free()

@@ -25,12 +25,15 @@ from model.run import load_model
 from model.settings import InferSettings, ModelConfig
 
 
-def make_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
-    """Padded layout: indices grouped longest first so that rows x longest row stays within the budget."""
+def make_batches(lengths: list[int], token_budget: int, max_rows: int, score_budget: int = 0) -> list[list[int]]:
+    """Padded layout: indices grouped longest first so that rows x longest row stays within the token budget
+    and, with score_budget > 0 (eager attention), rows x longest row^2 within that; a row over either goes alone."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+        rows, longest = (len(batches[-1]) + 1, lengths[batches[-1][0]]) if batches else (0, 0)
+        if (batches and rows <= max_rows and rows * longest <= token_budget
+                and (score_budget <= 0 or rows * longest**2 <= score_budget)):
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -42,7 +45,7 @@ def plan_batches(lengths: list[int], infer: InferSettings, layout: str) -> tuple
     if layout == "packed":
         batches = pack_rows(lengths, infer.token_budget)
         return batches, [infer.token_budget] * len(batches)
-    batches = make_batches(lengths, infer.token_budget, infer.max_rows)
+    batches = make_batches(lengths, infer.token_budget, infer.max_rows, infer.score_budget)
     return batches, [len(b) * lengths[b[0]] for b in batches]
 
 

@@ -29,6 +29,10 @@ from model.settings import InferSettings, ModelConfig
 
 T4_CAPABILITY = (7, 5)
 T4_MEMORY_GIB = 15
+# Eager attention on the T4 profile: rows x longest row^2 per batch. Gemma-2's eager scores (16 heads, fp16 then the
+# fp32 softmax, soft-capping temporaries) at 2 rows of 2,048 take ~2 GB; at the 16,384-token budget's 8 rows they ran
+# out of the 15 GiB cap next to a whole 9B model in T4 mode (README: Performance, T4 mode).
+T4_EAGER_SCORE_BUDGET = 2 * 2048**2
 SDPA_T4_BACKENDS = ("EFFICIENT_ATTENTION", "MATH")  # sm75 has no FlashAttention(-2) and no cuDNN attention
 SDPA_ALIAS = "arena_scaled_dot_product"  # transformers' sdpa function under a name Gemma-2 accepts (no "sdpa" in it:
 # transformers refuses any name containing "sdpa" on a model that declares no SDPA support)
@@ -137,7 +141,8 @@ def _default(capability, model_type: str, model: ModelConfig, infer: InferSettin
         attention, why = padded_attention(model_type, model)
         notes.append(why)
         resolved_model = dataclasses.replace(model, attn_implementation=attention)
-    resolved = dataclasses.replace(infer, layout=layout, profile="default")
+    budget = score_budget(infer, attention, "default", notes)
+    resolved = dataclasses.replace(infer, layout=layout, profile="default", score_budget=budget)
     return Components("default", resolved_model, resolved, attention, (), tuple(notes))
 
 
@@ -170,10 +175,24 @@ def _t4(capability, model_type: str, model: ModelConfig, infer: InferSettings) -
     else:
         notes.append("weights: fp16, LoRA merged" if infer.merge_lora else "weights: fp16, LoRA unmerged")
     resolved_model = dataclasses.replace(model, compute_dtype="float16", attn_implementation=attention)
+    changes["score_budget"] = score_budget(infer, attention, "t4", notes)
     resolved = dataclasses.replace(infer, layout="padded", compile=False, profile="t4", **changes)
     components = Components("t4", resolved_model, resolved, attention, backends, tuple(notes))
     check_t4_components(components)
     return components
+
+
+def score_budget(infer: InferSettings, attention: str, profile: str, notes: list[str]) -> int:
+    """The resolved infer.score_budget (-1: no limit): only eager attention holds rows x width^2 scores per head."""
+    if attention != "eager":
+        if infer.score_budget > 0:
+            notes.append(f"infer.score_budget={infer.score_budget} ignored: {attention} attention keeps no score matrices")
+        return -1
+    budget = infer.score_budget or (T4_EAGER_SCORE_BUDGET if profile == "t4" else -1)
+    if budget > 0:
+        source = "infer.score_budget" if infer.score_budget else "auto on the T4 profile, to fit 15 GiB"
+        notes.append(f"eager attention: rows x longest row^2 <= {budget:,} per batch ({source})")
+    return budget
 
 
 @functools.cache

@@ -61,6 +61,9 @@ class InferSettings:
     compute_dtype: str = opt("", "float32 | bfloat16 | float16 at inference; empty: as trained (a T4 has no bf16: float16)")
     token_budget: int = opt(16384, "tokens per batch: packed, every batch is exactly this wide; padded, rows x longest row <= this")
     max_rows: int = opt(64, "padded layout: max rows per batch, whatever their length")
+    score_budget: int = opt(0, "eager attention: rows x longest row^2 per batch at most this (eager's score matrices grow "
+                               "with it, not with the tokens); 0 = auto: 8,388,608 (2 rows of 2,048) on the T4 profile, "
+                               "no limit elsewhere; -1 = no limit")
     layout: str = opt("auto", "packed (rows end to end, no padding; flex attention) | padded | auto: packed on GPUs of compute capability >= 8.0, padded on CPU and T4")
     merge_lora: bool = opt(True, "fold LoRA into the base weights before scoring when the base is not quantised")
     fp8: bool = opt(False, "fp8 e4m3 decoder projections after the LoRA merge (model/fp8.py): faster on compute "
@@ -87,6 +90,8 @@ class InferSettings:
             raise ValueError(f"infer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.workers < 0:
             raise ValueError(f"infer.workers must be 0 (one per GPU, or 1 on CPU) or more, got {self.workers}")
+        if self.score_budget < -1:
+            raise ValueError(f"infer.score_budget must be -1 (no limit), 0 (auto) or positive, got {self.score_budget}")
         if self.token_budget < 1 or self.max_rows < 1:
             raise ValueError(f"infer.token_budget and infer.max_rows must be positive, got {self.token_budget}, {self.max_rows}")
         if self.fp8 and not self.merge_lora:

@@ -99,21 +99,18 @@ def test_t4_speed_rows_run_on_a_tiny_gemma2(monkeypatch, tmp_path):
     import bench.infer_t4
     from transformers import Gemma2Config
 
-    from infer.scoring import plan_batches, score_batches
-    from model.settings import InferSettings
-
     tiny = lambda arch: Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,  # noqa: E731
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_labels=3,
                                      pad_token_id=0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
 
-    def cpu_scorer(model, layout, budget):
-        def score(rows):
-            batches, _ = plan_batches(list(map(len, rows)), InferSettings(token_budget=budget), layout)
-            return score_batches(model, [[rows[i] for i in b] for b in batches], 0, layout, budget, torch.device("cpu"))[1]
-        return score
+    real, budgets = bench.infer_t4.repo_scorer, []
+
+    def recording_scorer(model, layout, budget, infer, device):  # the settings each row batches with
+        budgets.append(infer.score_budget)
+        return real(model, layout, budget, infer, device)
 
     monkeypatch.setattr(bench.infer_t4, "arch_config", tiny)
-    monkeypatch.setattr(bench.infer_t4, "repo_scorer", cpu_scorer)
+    monkeypatch.setattr(bench.infer_t4, "repo_scorer", recording_scorer)
     cfg = BenchConfig(out=str(tmp_path), device="cpu", t4_mode=True, t4_bnb=False, max_lengths=[64], token_budget=512)
     rows = {64: random_rows(8, 64, 300)}
     seen = []
@@ -127,3 +124,4 @@ def test_t4_speed_rows_run_on_a_tiny_gemma2(monkeypatch, tmp_path):
         "t4 repo fp16 2-GPU layer split, eager, soft-capping (stage/2)",
         "t4 repo fp16 2-GPU layer split, sdpa, no soft-capping (stage/2)"]
     assert seen[-1][2] == {"gpus": 2}
+    assert budgets == [2 * 2048**2, -1, 2 * 2048**2, -1]  # eager rows batch within the T4 score budget, SDPA rows by tokens

@@ -57,7 +57,8 @@ def test_ampere_and_hopper_keep_todays_choices(capability, model_type):
         c = resolve_components(capability, model_type, TRAINED, infer)
         assert c.profile == "default" and c.sdpa_backends == ()
         assert c.model == dataclasses.replace(TRAINED, attn_implementation=c.model.attn_implementation)
-        assert c.infer == dataclasses.replace(infer, layout=c.layout, profile="default")
+        # score_budget resolved like the layout: no limit (-1), as every padded batch always had
+        assert c.infer == dataclasses.replace(infer, layout=c.layout, profile="default", score_budget=-1)
         if infer.layout == "auto":
             assert c.layout == "packed" and c.attention == "flex" and c.model.attn_implementation == "auto"
         else:  # padded: the auto rule load_base always had
@@ -66,6 +67,34 @@ def test_ampere_and_hopper_keep_todays_choices(capability, model_type):
     assert resolve_components(None, "llama", TRAINED, SHIPPED).layout == "padded"
     assert_sm75_safe(resolve_components((9, 0), "gemma2", TRAINED, InferSettings(profile="t4")))
     assert resolve_components((7, 5), "llama", TRAINED, InferSettings(profile="default")).layout == "padded"
+
+
+def test_eager_batches_are_bounded_by_their_score_matrices():
+    """Eager attention holds rows x width^2 scores per head: on the T4 profile, 2 rows of 2,048 by default (8 rows at
+    the 16,384-token budget ran out of 15 GiB in T4 mode); SDPA keeps none, so only the token budget applies."""
+    from infer.scoring import plan_batches
+    from model.hardware import T4_EAGER_SCORE_BUDGET
+
+    lengths = [2048] * 5 + [1024] * 9 + [300] * 40
+    eager = resolve_components((7, 5), "gemma2", TRAINED, SHIPPED)
+    sdpa = resolve_components((7, 5), "llama", TRAINED, SHIPPED)
+    assert eager.infer.score_budget == T4_EAGER_SCORE_BUDGET == 2 * 2048**2 and sdpa.infer.score_budget == -1
+    assert "rows x longest row^2 <= 8,388,608 per batch (auto on the T4 profile" in "\n".join(eager.notes)
+    batches, costs = plan_batches(lengths, eager.infer, "padded")
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * lengths[b[0]] ** 2 <= T4_EAGER_SCORE_BUDGET for b in batches)
+    widths = [(len(b), lengths[b[0]]) for b in batches]
+    assert widths == [(2, 2048), (2, 2048), (2, 2048), (8, 1024), (40, 300)]  # 8 x 1024^2 = the budget
+    sdpa_batches = plan_batches(lengths, sdpa.infer, "padded")[0]
+    assert [(len(b), lengths[b[0]]) for b in sdpa_batches] == [(8, 2048), (16, 1024), (30, 300)]  # tokens only
+    # set by hand: applies to eager at any profile; ignored (and said) where attention keeps no scores
+    hand = InferSettings(score_budget=4 * 1024**2, layout="padded")
+    assert resolve_components((9, 0), "gemma2", TRAINED, hand).infer.score_budget == 4 * 1024**2
+    llama = resolve_components((9, 0), "llama", TRAINED, hand)
+    assert llama.infer.score_budget == -1 and "infer.score_budget=4194304 ignored" in "\n".join(llama.notes)
+    assert resolve_components((7, 5), "gemma2", TRAINED, InferSettings(score_budget=-1)).infer.score_budget == -1
+    with pytest.raises(ValueError, match="score_budget must be"):
+        InferSettings(score_budget=-2)
 
 
 def test_contradictory_settings_are_refused():
