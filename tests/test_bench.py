@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 
 from conftest import SAMPLE
 from bench.infer import BenchConfig, random_rows
