@@ -79,9 +79,11 @@ def score_run(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     print(f"{run.path}: {components.describe()}\n  " + "\n  ".join(components.notes))
     layout = components.layout
     batches, costs = plan_batches(lengths, components.infer, layout)
-    n_workers = run.infer.workers or (torch.cuda.device_count() if device.type == "cuda" else 1)
-    if device.type == "cuda" and n_workers > torch.cuda.device_count():
-        raise ConfigError(f"infer.workers={n_workers} but only {torch.cuda.device_count()} GPU(s) are visible")
+    per_worker = components.infer.pipeline  # GPUs one worker's model spans
+    n_workers = run.infer.workers or (max(1, torch.cuda.device_count() // per_worker) if device.type == "cuda" else 1)
+    if device.type == "cuda" and n_workers * per_worker > torch.cuda.device_count():
+        raise ConfigError(f"infer.workers={n_workers} x infer.pipeline={per_worker} GPUs but only "
+                          f"{torch.cuda.device_count()} GPU(s) are visible")
     shares = [s for s in split_batches(batches, costs, n_workers) if s]
     results = run_shares(run.path, components.model, components.infer, [[[seqs[i] for i in b] for b in share] for share in shares],
                          formatter.pad_id, layout, device.type)

@@ -21,6 +21,7 @@ from model.fp8 import to_fp8
 from model.hardware import SDPA_T4_BACKENDS, sdpa_backends, t4_memory_cap
 from model.int8 import to_int8
 from model.packing import make_inputs, pack_rows
+from model.pipeline import split_model
 from model.run import load_model
 from model.settings import InferSettings, ModelConfig
 
@@ -91,12 +92,13 @@ def score_batches(model: PooledClassifier, batches: list[list[list[int]]], pad_i
             tokens = sum(map(len, seqs))
             stats["tokens"] += tokens
             if k == 0:
-                _sync(device)
+                _sync(out[-1].device)  # the last stage's device when the model is split (infer.pipeline)
                 stats["first_batch_s"] = time.perf_counter() - start
                 start = time.perf_counter()
             else:
                 stats["steady_tokens"] += tokens
-        _sync(device)
+        if out:
+            _sync(out[-1].device)
     stats["steady_s"] = time.perf_counter() - start
     return [o.cpu().numpy() for o in out], stats
 
@@ -114,25 +116,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, batches: list[list[list[int]]],
+def worker_devices(n_workers: int, per_worker: int, device_type: str) -> list[list[str]]:
+    """The devices of each worker: one GPU each, or `per_worker` consecutive GPUs for a split model (infer.pipeline);
+    CPU workers name the CPU once per stage."""
+    if device_type != "cuda":
+        return [["cpu"] * per_worker for _ in range(n_workers)]
+    return [[f"cuda:{w * per_worker + s}" for s in range(per_worker)] for w in range(n_workers)]
+
+
+def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, devices: list[str], batches: list[list[list[int]]],
                  pad_id: int, layout: str, rank: int, threads: int):
     """Worker body: load the run once, score its batches, return float32 logits per batch and timing."""
-    dev = torch.device(device)
+    devs = [torch.device(d) for d in devices]
+    dev = devs[0]  # inputs go to the first stage
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(threads)  # CPU workers share the cores instead of each taking all of them
     infer = InferSettings(**infer_cfg)
     t4 = infer.profile == "t4"  # resolved by model.hardware.resolve_components: only sm75 kernels
-    capped = t4_memory_cap(dev) if t4 else ""
-    # int8 on a GPU: the fp16 base (18.5 GB for Gemma-2 9B) need not fit the card; merge and quantise on the CPU first
-    load_dev = torch.device("cpu") if infer.int8 and dev.type == "cuda" else dev
+    capped = [c for c in (t4_memory_cap(d) for d in devs) if c] if t4 else []
+    # int8 or a split model on a GPU: the fp16 base (18.5 GB for Gemma-2 9B) need not fit one card; merge (and
+    # quantise) on the CPU first, then place it
+    load_dev = torch.device("cpu") if (infer.int8 or len(devs) > 1) and dev.type == "cuda" else dev
     model = load_model(Path(run_path), ModelConfig(**model_cfg), load_dev, pad_id, packed=layout == "packed")
-    done = prepare(model, infer, layout) + [capped] * bool(capped)
-    if load_dev != dev:
+    done = prepare(model, infer, layout) + capped
+    if len(devs) > 1:
+        done.append(split_model(model, devs))
+    elif load_dev != dev:
         model.to(dev)
         done.append(f"moved to {dev} after quantising")
-    print(f"worker {rank} ({device}, {layout} layout): {'; '.join(done)}")
+    print(f"worker {rank} ({', '.join(devices)}, {layout} layout): {'; '.join(done)}")
     with sdpa_backends(SDPA_T4_BACKENDS if t4 else ()):
         logits, stats = score_batches(model, batches, pad_id, layout, infer.token_budget, dev, f"worker {rank} batches", rank)
     if len(batches) > 1:  # the first batch carries compilation and warm-up: the rate is the rest's
@@ -145,8 +159,9 @@ def _score_share(run_path: str, model_cfg: dict, infer_cfg: dict, device: str, b
 
 def run_shares(run_path: Path, model: ModelConfig, infer: InferSettings, shares: list[list[list[list[int]]]],
                pad_id: int, layout: str, device_type: str) -> list[tuple[list[np.ndarray], dict]]:
-    """Score each worker's share of batches (token ids) in its own process, one GPU each; results in order."""
-    devices = [f"cuda:{w}" if device_type == "cuda" else "cpu" for w in range(len(shares))]
+    """Score each worker's share of batches (token ids) in its own process, one GPU each (infer.pipeline GPUs for a
+    split model); results in order."""
+    devices = worker_devices(len(shares), infer.pipeline, device_type)
     threads = max(1, torch.get_num_threads() // len(shares))
     jobs = [(str(run_path), dataclasses.asdict(model), dataclasses.asdict(infer), devices[w], share, pad_id, layout, w, threads)
             for w, share in enumerate(shares)]

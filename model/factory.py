@@ -198,7 +198,7 @@ class PooledClassifier(nn.Module):
             pooled = hidden[packing.last_token_index(seq_lens)]
         else:
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            last = attention_mask.sum(dim=1) - 1
+            last = (attention_mask.sum(dim=1) - 1).to(hidden.device)  # split models (infer.pipeline) end on another GPU
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return getattr(base, HEAD)(pooled.float()).float()
 

@@ -86,7 +86,8 @@ class Components:
         if self.infer.fp8:
             return "fp8 e4m3 (LoRA merged)"
         merged = self.infer.merge_lora and self.model.quantization == "none"
-        return f"{base}, LoRA {'merged' if merged else 'unmerged'}"
+        split = f", layers split over {self.infer.pipeline} GPUs" if self.infer.pipeline > 1 else ""
+        return f"{base}, LoRA {'merged' if merged else 'unmerged'}{split}"
 
     def describe(self) -> str:
         return (f"profile {self.profile}: {self.model.compute_dtype} compute, {self.weights}, {self.layout} layout, "
@@ -129,10 +130,11 @@ def _where(capability: tuple[int, int] | None) -> str:
 
 
 def _default(capability, model_type: str, model: ModelConfig, infer: InferSettings) -> Components:
-    layout = resolve_layout(infer.layout, capability)
+    layout = "padded" if infer.pipeline > 1 else resolve_layout(infer.layout, capability)
     where = _where(capability)
     notes = [f"profile default ({where}; infer.profile={infer.profile})",
-             f"{layout} layout" + (f" (infer.layout=auto on {where})" if infer.layout == "auto" else "")]
+             f"{layout} layout" + (" (infer.pipeline > 1)" if infer.pipeline > 1 and infer.layout == "auto" else
+                                   f" (infer.layout=auto on {where})" if infer.layout == "auto" else "")]
     if layout == "packed":
         attention = "flex"
         notes.append("flex attention over packed rows (soft-capping, if any, as a score_mod)")
@@ -142,6 +144,8 @@ def _default(capability, model_type: str, model: ModelConfig, infer: InferSettin
         notes.append(why)
         resolved_model = dataclasses.replace(model, attn_implementation=attention)
     budget = score_budget(infer, attention, "default", notes)
+    if infer.pipeline > 1:
+        notes.append(pipeline_note(infer.pipeline))
     resolved = dataclasses.replace(infer, layout=layout, profile="default", score_budget=budget)
     return Components("default", resolved_model, resolved, attention, (), tuple(notes))
 
@@ -174,12 +178,19 @@ def _t4(capability, model_type: str, model: ModelConfig, infer: InferSettings) -
         notes.append(f"weights: {model.quantization} bitsandbytes base, LoRA unmerged")
     else:
         notes.append("weights: fp16, LoRA merged" if infer.merge_lora else "weights: fp16, LoRA unmerged")
+    if infer.pipeline > 1:
+        notes.append(pipeline_note(infer.pipeline))
     resolved_model = dataclasses.replace(model, compute_dtype="float16", attn_implementation=attention)
     changes["score_budget"] = score_budget(infer, attention, "t4", notes)
     resolved = dataclasses.replace(infer, layout="padded", compile=False, profile="t4", **changes)
     components = Components("t4", resolved_model, resolved, attention, backends, tuple(notes))
     check_t4_components(components)
     return components
+
+
+def pipeline_note(gpus: int) -> str:
+    return (f"decoder layers split over {gpus} GPUs per worker (infer.pipeline={gpus}), the stages on consecutive "
+            "batches at once")
 
 
 def score_budget(infer: InferSettings, attention: str, profile: str, notes: list[str]) -> int:

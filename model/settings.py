@@ -75,6 +75,10 @@ class InferSettings:
     profile: str = opt("auto", "kernel set: auto (t4 on GPUs of compute capability 7.x, else default) | t4 (fp16, padded, "
                                "SDPA mem-efficient/math or eager, no flex/compile/bf16/fp8, 15 GiB per GPU; to measure "
                                "the T4 path on a larger GPU) | default (model/hardware.py prints what was chosen and why)")
+    pipeline: int = opt(1, "GPUs one model is split over by decoder layers (model/pipeline.py), the stages working on "
+                           "consecutive batches at once: 2 puts an fp16 Gemma-2 9B (18.5 GB) on Kaggle's two 15 GB T4s "
+                           "(with infer.quantization=none infer.compute_dtype=float16 infer.workers=1); padded layout; "
+                           "1 = the whole model on each worker's GPU")
     tta: bool = opt(True, "also score each row with A and B swapped and average (merged by id)")
     workers: int = opt(0, "parallel workers: 0 means one per visible GPU, or 1 on CPU")
     device: str = opt("auto", "auto | cpu | cuda (workers take cuda:0..N-1)")
@@ -100,6 +104,14 @@ class InferSettings:
             raise ValueError("infer.int8=true converts the merged weights: it needs infer.merge_lora=true")
         if self.int8 and self.fp8:
             raise ValueError("infer.int8=true and infer.fp8=true are two weight formats: choose one")
+        if self.pipeline < 1:
+            raise ValueError(f"infer.pipeline must be 1 (no split) or the number of GPUs per model, got {self.pipeline}")
+        if self.pipeline > 1 and (self.int8 or self.fp8 or not self.merge_lora):
+            raise ValueError("infer.pipeline > 1 splits the merged fp16 weights: it needs infer.merge_lora=true and "
+                             "neither infer.int8 nor infer.fp8")
+        if self.pipeline > 1 and self.layout == "packed":
+            raise ValueError("infer.pipeline > 1 runs the padded layout (packed batches compile each layer on one "
+                             "device): infer.layout=padded or auto")
         if self.profile not in PROFILES:
             raise ValueError(f"infer.profile must be one of {PROFILES}, got {self.profile!r}")
 
@@ -114,6 +126,9 @@ def inference_model(model: ModelConfig, infer: InferSettings) -> ModelConfig:
     if infer.int8 and resolved.quantization != "none":
         raise ValueError(f"infer.int8=true quantises the merged fp16 weights itself: it needs an unquantised base, not "
                          f"quantization={resolved.quantization} (set infer.quantization=none)")
+    if infer.pipeline > 1 and resolved.quantization != "none":
+        raise ValueError(f"infer.pipeline={infer.pipeline} splits the merged fp16 weights over the GPUs: it needs an "
+                         f"unquantised base, not quantization={resolved.quantization} (set infer.quantization=none)")
     return resolved
 
 
