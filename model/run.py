@@ -12,15 +12,19 @@ result, so a finished run is only ever reused for the same settings (`settings_d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from cli.config import ConfigError, from_dict
+from cli.config import ConfigError, UserError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
 from model.files import MANIFEST, file_table, is_temporary, verify_files
 from model.factory import (HEAD_SIZES, AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum,
@@ -144,6 +148,53 @@ def run_folder(path: Path) -> Path:
 
 def partial_dir(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + ".partial")
+
+
+class RunBusy(UserError):
+    """Another process is training this fold's run folder now."""
+
+
+@contextlib.contextmanager
+def fold_lock(run_dir: Path):
+    """Hold `<run>.lock` (created atomically: pid, host, start) while this process builds the run folder, so two
+    processes never train one fold's `.partial` at once (e.g. a rerun started before the first run ended). A lock
+    left by a dead process of this machine is taken over, said; one held by a live process, or another machine's
+    (its pid cannot be checked from here), stops the run with its holder named."""
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                print(f"{lock}: left by process {holder['pid']}, which has ended; taking it over")
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunBusy(f"{run_dir}: being trained by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                          f"since {holder.get('started', '?')} ({lock}); wait for it, or delete the lock file if that "
+                          "process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def publish(partial: Path, run_dir: Path) -> None:

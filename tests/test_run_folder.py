@@ -191,3 +191,52 @@ def test_files_left_by_a_killed_write_are_not_sealed(finished):
     manifest = model.run.write_manifest(finished, json.loads((finished / MANIFEST).read_text()))
     assert not [rel for rel in manifest["files"] if rel.endswith(".tmp")]
     verify_run(finished, stage="complete")
+
+
+def test_fold_lock_keeps_a_second_trainer_out(tmp_path):
+    """Two processes never build one fold's folder at once (a rerun started while the first still ran did, once):
+    the second is stopped with the holder named; a lock left by a dead process is taken over; the lock goes with
+    the holder, also on an error."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from model.run import RunBusy, fold_lock
+
+    run = tmp_path / "plain" / "fold0-seed42"
+    lock = run.with_name("fold0-seed42.lock")
+    with fold_lock(run):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunBusy, match=rf"being trained by process {os.getpid()} on .*delete the lock file"):
+            with fold_lock(run):
+                pass
+    assert not lock.exists()
+    with pytest.raises(ZeroDivisionError):
+        with fold_lock(run):
+            1 / 0
+    assert not lock.exists()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(), "started": "earlier"}))
+    with fold_lock(run):  # its holder has ended
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "earlier"}))
+    with pytest.raises(RunBusy, match="process 1 on another-machine"):
+        with fold_lock(run):
+            pass
+
+
+def test_training_a_locked_fold_stops_before_any_model_loads(tmp_path, tiny_llama, sample_folds, monkeypatch, capsys):
+    import os
+    import socket
+
+    out = tmp_path / "runs"
+    lock = out / "tiny-llama" / "fold0-seed42.lock"  # held by a live process of this machine: this one
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0")))
+    assert exit_info.value.code != 0
+    assert f"being trained by process {os.getpid()}" in capsys.readouterr().err
+    assert lock.exists() and not (out / "tiny-llama" / "fold0-seed42.partial").exists()

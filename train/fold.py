@@ -9,6 +9,7 @@ checkpoint or, once its adapter was saved, at OOF scoring.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -30,7 +31,7 @@ from data.io import LABEL_COLS, SWAP_PERM, WEIGHT_COL, DataError, prompt_key, re
 from infer.metrics import fold_metrics
 from infer.predict import load_run, predict_frame, write_predictions
 from model.factory import HEAD_SIZES, build_for_training, check_base, load_tokenizer, pick_device
-from model.run import partial_dir, publish, read_manifest, write_complete, write_trained
+from model.run import fold_lock, partial_dir, publish, read_manifest, write_complete, write_trained
 from model.tokens import encode_rows
 from train.config import TrainConfig, extra_csv_path
 from train.state import fold_settings, fold_state, run_dir_for
@@ -211,7 +212,13 @@ def save_run(run_dir: Path, cfg: TrainConfig, model, tokenizer, formatter: Forma
 
 
 def train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
-    """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer."""
+    """Train on every fold but `fold` (+ extra rows), save the run, score `fold` via infer; the fold's folder locked
+    for the whole of it (rank 0 holds the lock for all ranks)."""
+    with fold_lock(run_dir_for(cfg, fold)) if dist_rank()[0] == 0 else contextlib.nullcontext():
+        return _train_fold(cfg, fold, df, extra)
+
+
+def _train_fold(cfg: TrainConfig, fold: int, df: pd.DataFrame, extra: pd.DataFrame) -> dict:
     run_dir = run_dir_for(cfg, fold)
     work = partial_dir(run_dir)
     settings = fold_settings(cfg, fold)
