@@ -7,12 +7,13 @@ no flex/Triton attention and no torch.compile. The components of the repo rows c
 model.hardware.resolve_components at capability 7.5, the function `infer predict` uses on a T4.
 
 speed rows (random weights with the real architecture, as the speed task), in this order:
-- repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded (batched as infer predict: eager batches
-  bounded by infer.score_budget), eager (Gemma-2 trained
-  with soft-capping) and, for Gemma-2, SDPA mem-efficient (trained with model.attn_softcapping=false);
+- repo int8 W8A8 (LoRA merged into the fp16 base, model/int8.py), padded and batched as infer predict batches
+  (eager within infer.score_budget), eager (Gemma-2 trained with soft-capping) and, for Gemma-2, SDPA
+  mem-efficient (trained with model.attn_softcapping=false);
 - repo fp16 layer split over 2 GPUs, measured stage by stage on one GPU: one stage holds half the
   decoder layers (fp16, LoRA merged); pipelined, two T4s give one stage's rate, so its per-GPU
   figure (what `x base` compares with the seed's one-GPU rate) is the stage rate / 2;
+- with two GPUs, that split as infer.pipeline=2 runs it (model/pipeline.py), both stages at work, per GPU;
 - seed baseline (same mode, same run): NF4 + unmerged LoRA q/k/v, eager, fp16 autocast, batches of 4;
 - repo 8-bit (today's Kaggle settings: bitsandbytes LLM.int8 base, fp16, LoRA unmerged, padded).
 The ratios (`x base`) are computed once every row is in, against the seed row of the same run.
@@ -34,16 +35,17 @@ from infer.scoring import plan_batches, prepare, score_batches, unbatch
 from model.factory import HEAD, PooledClassifier, head_to_fp32
 from model.hardware import (SDPA_T4_BACKENDS, T4_CAPABILITY, Components, attention_name, resolve_components,
                             sdpa_backends, t4_memory_cap)
+from model.pipeline import split_model
 from model.settings import InferSettings, ModelConfig
 
 MODEL_TYPES = {"gemma2": "gemma2", "llama": "llama", "tiny": "llama"}
 
 
 def t4_components(arch: str, softcapping: bool = True, int8: bool = True, quantization: str = "none",
-                  token_budget: int = 16384) -> Components:
+                  token_budget: int = 16384, pipeline: int = 1) -> Components:
     """What `infer predict` runs on a T4 for this bench model (resolve_components at capability 7.5)."""
     model = ModelConfig(path="bench", quantization=quantization, compute_dtype="float16", attn_softcapping=softcapping)
-    infer = InferSettings(profile="auto", int8=int8, token_budget=token_budget, merge_lora=True)
+    infer = InferSettings(profile="auto", int8=int8, token_budget=token_budget, merge_lora=True, pipeline=pipeline)
     return resolve_components(T4_CAPABILITY, MODEL_TYPES[arch], model, infer)
 
 
@@ -117,6 +119,7 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
         del stage_model, stage_base
         _free()
         stage("layer-split stage row done")
+    pipeline_rows(cfg, arch, add, stage, cappings)
     if cfg.t4_bnb:
         try:
             bnb_rows(cfg, arch, workdir, add, stage)
@@ -124,6 +127,43 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
             print(f"{arch}: bitsandbytes rows FAILED {type(err).__name__}: {err}")
             add.failed("t4 bitsandbytes rows", f"{type(err).__name__}: {err}")
     return flops_per_token
+
+
+def pipeline_devices() -> list[torch.device]:
+    """The two GPUs the pipelined rows split the model over; none with fewer than two."""
+    return [torch.device("cuda", i) for i in range(2)] if torch.cuda.device_count() >= 2 else []
+
+
+def pipeline_rows(cfg: BenchConfig, arch: str, add, stage, cappings: list[bool]) -> None:
+    """infer.pipeline=2 as `infer predict` runs it: the fp16 model, LoRA merged, its decoder layers split over two
+    GPUs (model/pipeline.py), each capped at 15 GiB, the stages overlapping on consecutive batches; reported per GPU
+    (the machine's rate / 2), beside the stage rows above that assume the overlap. Only with two GPUs."""
+    from transformers import AutoModelForSequenceClassification
+
+    devices = pipeline_devices()
+    if len(devices) < 2:
+        print(f"{arch}: pipelined 2-GPU rows skipped ({torch.cuda.device_count()} GPU visible); the stage rows stand in")
+        return
+    for d in devices:  # the full fp16 model is built on the first GPU before the cap, as in t4_speed
+        if d.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, d.index)
+    torch.manual_seed(0)
+    with torch.device(devices[0]):
+        base = AutoModelForSequenceClassification.from_config(arch_config(arch), dtype=torch.float16)
+    head_to_fp32(base)
+    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    for softcapping in cappings:
+        c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget, pipeline=2)
+        if softcapping == cappings[0]:
+            done = prepare(model, c.infer, c.layout) + [split_model(model, devices)]
+            done += [capped for capped in map(t4_memory_cap, devices) if capped]
+            stage("; ".join(done))
+        set_attention(model, c)
+        add(f"t4 repo fp16 2-GPU layer split, pipelined, {c.attention}{_cap(arch, softcapping)} (/2)",
+            halved(repo_scorer(model, "padded", cfg.token_budget, c.infer, devices[0])), cfg.max_lengths[0], gpus=2)
+    del model, base
+    _free()
+    stage("pipelined rows done")
 
 
 def bnb_rows(cfg: BenchConfig, arch: str, workdir, add, stage) -> None:

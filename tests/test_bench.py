@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from conftest import SAMPLE
 from bench.infer import BenchConfig, random_rows
@@ -110,6 +111,7 @@ def test_t4_speed_rows_run_on_a_tiny_gemma2(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bench.infer_t4, "arch_config", tiny)
     monkeypatch.setattr(bench.infer_t4, "repo_scorer", recording_scorer)
+    monkeypatch.setattr(bench.infer_t4, "pipeline_devices", lambda: [torch.device("cpu")] * 2)  # both stages on the CPU
     cfg = BenchConfig(out=str(tmp_path), device="cpu", t4_mode=True, t4_bnb=False, max_lengths=[64], token_budget=512)
     rows = {64: random_rows(8, 64, 300)}
     seen = []
@@ -121,6 +123,9 @@ def test_t4_speed_rows_run_on_a_tiny_gemma2(monkeypatch, tmp_path):
     assert [name for name, *_ in seen] == [
         "t4 repo int8 W8A8 merged, padded, eager, soft-capping", "t4 repo int8 W8A8 merged, padded, sdpa, no soft-capping",
         "t4 repo fp16 2-GPU layer split, eager, soft-capping (stage/2)",
-        "t4 repo fp16 2-GPU layer split, sdpa, no soft-capping (stage/2)"]
+        "t4 repo fp16 2-GPU layer split, sdpa, no soft-capping (stage/2)",
+        "t4 repo fp16 2-GPU layer split, pipelined, eager, soft-capping (/2)",
+        "t4 repo fp16 2-GPU layer split, pipelined, sdpa, no soft-capping (/2)"]
     assert seen[-1][2] == {"gpus": 2}
-    assert budgets == [2 * 2048**2, -1, 2 * 2048**2, -1]  # eager rows batch within the T4 score budget, SDPA rows by tokens
+    # eager rows batch within the T4 score budget, SDPA rows by tokens
+    assert budgets == [2 * 2048**2, -1, 2 * 2048**2, -1, 2 * 2048**2, -1]

@@ -46,6 +46,18 @@ def test_two_gpus_identical_to_one(cuda_run):
     pd.testing.assert_frame_equal(one, predict_frame([run], df), check_exact=True)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_model_split_over_two_gpus_scores_like_one(cuda_run):
+    """infer.pipeline=2: the fp16 model's layers over cuda:0 and cuda:1 (model/pipeline.py) against the whole model
+    on cuda:0, same weights and kernels; ids in order."""
+    df = read_competition_csv(SAMPLE / "test.csv")[0]
+    fp16 = {"quantization": "none", "compute_dtype": "float16", "workers": 1}
+    one = predict_frame([load_run(cuda_run, fp16)], df)
+    split = predict_frame([load_run(cuda_run, {**fp16, "pipeline": 2})], df)
+    assert split["id"].tolist() == df["id"].tolist()
+    pd.testing.assert_frame_equal(one, split, check_exact=False, atol=1e-3, rtol=0)
+
+
 def test_training_uses_one_gpu_per_process(tmp_path):
     """Several visible GPUs must not turn on nn.DataParallel (it changes the effective batch size)."""
     from conftest import REPO
