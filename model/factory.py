@@ -197,8 +197,12 @@ class PooledClassifier(nn.Module):
                               use_cache=False).last_hidden_state[0]
             pooled = hidden[packing.last_token_index(seq_lens)]
         else:
+            last = attention_mask.sum(dim=1) - 1
+            head_device = next(getattr(base, HEAD).parameters()).device
+            if head_device != last.device:  # a split model (model/pipeline.py) ends on another GPU: via the host,
+                last = last.cpu().to(head_device, non_blocking=True)  # as a GPU-to-GPU copy after the backbone would
+                # hold the first GPU until the last one had finished this batch
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            last = (attention_mask.sum(dim=1) - 1).to(hidden.device)  # split models (infer.pipeline) end on another GPU
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return getattr(base, HEAD)(pooled.float()).float()
 

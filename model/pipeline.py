@@ -2,15 +2,25 @@
 
 Gemma-2 9B in fp16 is 18.5 GB of weights and a T4 holds 15 GB, so one fp16 model spans Kaggle's two T4s:
 embeddings and the first half of the decoder layers on GPU 0, the second half, the final norm and the
-head on GPU 1 (the 2nd-place LMSYS solution's layout). accelerate's hooks (`dispatch_model`, made for this)
-move each module's inputs to its GPU (the attention mask and rotary tables once per later-stage layer: tens of
-MB per batch over PCIe, about 1 % of a T4 batch). The stages are meant to overlap without threads: CUDA queues
-work asynchronously, and `infer.scoring.score_batches` keeps logits on the device and never waits between
-batches, so the host can queue batch k+1's first half on GPU 0 while GPU 1 still runs batch k's second half.
+head on GPU 1 (the 2nd-place LMSYS solution's layout). The stages are meant to overlap without threads:
+CUDA queues work asynchronously and `infer.scoring.score_batches` never waits between batches, so the host
+can queue batch k+1's first half on GPU 0 while GPU 1 still runs batch k's second half.
+
+What decides whether they overlap is where the GPU-to-GPU copies stand. PyTorch makes every copy between
+two GPUs a two-way barrier (the source GPU's queue waits until the destination's has drained up to that
+point), so a copy from GPU 0 issued after any of batch k's second-stage work is queued holds GPU 0 until
+that work is done. accelerate's `dispatch_model` moves each layer's inputs (attention mask, rotary tables)
+again at every layer, which would put such a copy before every second-stage layer; here a hook on a
+stage's first layer moves them all once, at the boundary, and the stage's other layers reuse those copies
+(Gemma-2 alternates a sliding-window and a full mask, so its second mask crosses at the stage's second layer:
+a stall of one layer, not of the stage).
+`PooledClassifier` sends the pooling index to the last GPU from the host for the same reason.
 T4 mode measured one stage at a time (README: Performance, T4 mode): 1.58x the seed method per GPU; the
-overlap itself needs two GPUs and is not measured yet.
+overlap itself needs two GPUs (`python -m bench.infer t4_mode=true` measures it there).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,8 +35,8 @@ def stage_of(layer: int, n_layers: int, n_stages: int) -> int:
 
 
 def stage_map(base: nn.Module, n_stages: int) -> dict[str, int]:
-    """Module name -> stage for accelerate: decoder layers split evenly; what runs before them (embeddings, rotary)
-    on the first stage, what runs after them (final norm, head, anything else at the top) on the last."""
+    """Module name -> stage: decoder layers split evenly; what runs before them (embeddings, rotary) on the first
+    stage, what runs after them (final norm, head, anything else at the top) on the last."""
     prefix = base.base_model_prefix
     backbone = getattr(base, prefix)
     n_layers = len(backbone.layers)
@@ -46,10 +56,36 @@ def stage_map(base: nn.Module, n_stages: int) -> dict[str, int]:
     return mapping
 
 
+def stage_hooks(device: torch.device, move: Callable = lambda t, d: t.to(d, non_blocking=True)):
+    """(first-layer hook, other-layers hook) for one stage on `device`: the first moves every tensor argument that
+    is elsewhere and remembers the copy of each; the others reuse those copies (the same mask and rotary tables
+    reach every layer of a forward) and move only what they have not seen."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def moved(value):
+        if isinstance(value, torch.Tensor):
+            if value.device != device and id(value) not in copies:  # the tensors seen live through the forward
+                copies[id(value)] = move(value, device)
+            return copies.get(id(value), value) if value.device != device else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(moved(v) for v in value)
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value
+
+    def first(module, args, kwargs):
+        copies.clear()  # a new forward: new tensors (the last one's ids may be reused)
+        return moved(args), moved(kwargs)
+
+    def rest(module, args, kwargs):
+        return moved(args), moved(kwargs)
+
+    return first, rest
+
+
 def split_model(model: PooledClassifier, devices: list[torch.device]) -> str:
     """Place an unquantised model with LoRA merged (loaded on the CPU) over `devices`, one stage each, with the
-    hooks that move activations between them; returns what was done, for the log."""
-    from accelerate import dispatch_model
+    hooks that hand activations over at each stage's first layer; returns what was done, for the log."""
     from peft import PeftModel
 
     if isinstance(model.model, PeftModel) or is_quantised(model.base):
@@ -57,8 +93,17 @@ def split_model(model: PooledClassifier, devices: list[torch.device]) -> str:
                           "(infer.quantization=none, infer.merge_lora=true)")
     base = model.base
     mapping = stage_map(base, len(devices))
-    # force_hooks: the same hooks on one device too (the CPU tests run the two-stage path with both stages on the CPU)
-    dispatch_model(base, device_map={name: devices[s] for name, s in mapping.items()}, force_hooks=True)
-    layers = [sum(1 for name, s in mapping.items() if ".layers." in name and s == k) for k in range(len(devices))]
-    return (f"decoder layers split {' + '.join(map(str, layers))} over {', '.join(map(str, devices))} "
-            f"(embeddings on {devices[0]}, norm and head on {devices[mapping[HEAD]]})")
+    for name, stage in mapping.items():
+        base.get_submodule(name).to(devices[stage])
+    backbone = getattr(base, base.base_model_prefix)
+    stages = [[layer for i, layer in enumerate(backbone.layers) if mapping[f"{base.base_model_prefix}.layers.{i}"] == s]
+              for s in range(len(devices))]
+    for s, layers in enumerate(stages):
+        if s == 0:
+            continue  # inputs arrive on the first stage's device
+        first, rest = stage_hooks(devices[s])
+        layers[0].register_forward_pre_hook(first, with_kwargs=True)
+        for layer in layers[1:]:
+            layer.register_forward_pre_hook(rest, with_kwargs=True)
+    return (f"decoder layers split {' + '.join(str(len(layers)) for layers in stages)} over "
+            f"{', '.join(map(str, devices))} (embeddings on {devices[0]}, norm and head on {devices[mapping[HEAD]]})")

@@ -156,45 +156,40 @@ class RunBusy(UserError):
 
 @contextlib.contextmanager
 def fold_lock(run_dir: Path):
-    """Hold `<run>.lock` (created atomically: pid, host, start) while this process builds the run folder, so two
-    processes never train one fold's `.partial` at once (e.g. a rerun started before the first run ended). A lock
-    left by a dead process of this machine is taken over, said; one held by a live process, or another machine's
-    (its pid cannot be checked from here), stops the run with its holder named."""
+    """Hold `<run>.lock` while this process builds the run folder, so two processes never train one fold's `.partial`
+    at once (e.g. a rerun started before the first run ended). An exclusive flock, which the kernel drops when its
+    holder ends, however it ends: no stale locks to judge. The file names its holder (pid, host, start) for the
+    message a second trainer stops with."""
+    import fcntl
+
     lock = run_dir.with_name(run_dir.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
-                holder = json.loads(lock.read_text())
+                holder = json.loads(lock.read_text() or "{}")
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                print(f"{lock}: left by process {holder['pid']}, which has ended; taking it over")
-                lock.unlink(missing_ok=True)
-                continue
+            os.close(fd)
             raise RunBusy(f"{run_dir}: being trained by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                          f"since {holder.get('started', '?')} ({lock}); wait for it, or delete the lock file if that "
-                          "process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+                          f"since {holder.get('started', '?')} ({lock}); wait for it to finish") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last holder removed it between our open and our lock: take the new file
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(me).encode())
     try:
         yield lock
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+        lock.unlink(missing_ok=True)  # still holding it: whoever opened this file meanwhile sees it gone and retries
+        os.close(fd)
 
 
 def publish(partial: Path, run_dir: Path) -> None:

@@ -24,6 +24,7 @@ PRODUCT = ("cli", "data", "model", "infer", "train")
 
 # Runtime dependencies that a library imports on our behalf (declared, not imported by our code).
 INDIRECT = {
+    "accelerate": "transformers' Trainer (train/fold.py) needs it at run time; transformers declares it only in extras",
     "gguf": "transformers reads the GGUF base (model/gguf.py, from_pretrained(gguf_file=)) with it; declared only in extras",
 }
 # Third-party imports that are deliberately not runtime dependencies.

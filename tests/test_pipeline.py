@@ -48,10 +48,35 @@ def test_split_model_computes_what_the_whole_model_does(arch, request):
     done = split_model(model, [CPU, CPU])
     assert done == "decoder layers split 1 + 1 over cpu, cpu (embeddings on cpu, norm and head on cpu)"
     backbone = getattr(model.base, model.base.base_model_prefix)
-    assert all(hasattr(layer, "_hf_hook") for layer in backbone.layers)  # the hooks a GPU split moves activations with
+    assert [len(layer._forward_pre_hooks) for layer in backbone.layers] == [0, 1]  # the hand-over, on stage 1's first
     with torch.inference_mode():
         split = model(ids, mask)
     assert torch.equal(whole, split)
+
+
+def test_a_stage_moves_each_tensor_once_per_forward():
+    """Every GPU-to-GPU copy makes the source GPU wait for the destination's queue: a stage's first layer moves the
+    mask and rotary tables, its other layers reuse them, so nothing crosses after the stage's work is queued."""
+    from model.pipeline import stage_hooks
+
+    moves = []
+
+    def move(t, device):
+        moves.append(t)
+        return t.clone()
+
+    first, rest = stage_hooks(torch.device("meta"), move)  # "meta": every CPU tensor counts as elsewhere
+    hidden, mask, cos, sin = (torch.randn(2, 3) for _ in range(4))
+    args, kwargs = first(None, (hidden,), {"attention_mask": mask, "position_embeddings": (cos, sin), "use_cache": False})
+    assert [id(t) for t in moves] == [id(hidden), id(mask), id(cos), id(sin)] and kwargs["use_cache"] is False
+    assert torch.equal(kwargs["position_embeddings"][1], sin) and kwargs["position_embeddings"][1] is not sin
+    moves.clear()
+    again = rest(None, (args[0],), {"attention_mask": mask, "position_embeddings": (cos, sin)})[1]
+    assert [id(t) for t in moves] == [id(args[0])]  # (on a GPU the hidden state is already there: no move at all)
+    assert again["attention_mask"] is kwargs["attention_mask"] and again["position_embeddings"][0] is kwargs["position_embeddings"][0]
+    moves.clear()
+    first(None, (hidden,), {"attention_mask": mask})  # the next forward starts afresh
+    assert len(moves) == 2
 
 
 def test_predict_with_a_split_model_matches_the_whole_one(llama_run, sample_rows, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import train.fold
-from conftest import SAMPLE, forbid_model_loading, train_args
+from conftest import REPO, SAMPLE, forbid_model_loading, train_args
 from cli.config import ConfigError, run_cli
 from infer.predict import main as predict_main
 import model.run
@@ -195,10 +195,9 @@ def test_files_left_by_a_killed_write_are_not_sealed(finished):
 
 def test_fold_lock_keeps_a_second_trainer_out(tmp_path):
     """Two processes never build one fold's folder at once (a rerun started while the first still ran did, once):
-    the second is stopped with the holder named; a lock left by a dead process is taken over; the lock goes with
-    the holder, also on an error."""
+    the second is stopped with the holder named; the lock goes with its holder, on an error too, and a lock file
+    left by a process that ended holds nothing (the kernel dropped its lock)."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -208,7 +207,7 @@ def test_fold_lock_keeps_a_second_trainer_out(tmp_path):
     lock = run.with_name("fold0-seed42.lock")
     with fold_lock(run):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-        with pytest.raises(RunBusy, match=rf"being trained by process {os.getpid()} on .*delete the lock file"):
+        with pytest.raises(RunBusy, match=rf"being trained by process {os.getpid()} on .*wait for it"):
             with fold_lock(run):
                 pass
     assert not lock.exists()
@@ -216,27 +215,32 @@ def test_fold_lock_keeps_a_second_trainer_out(tmp_path):
         with fold_lock(run):
             1 / 0
     assert not lock.exists()
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(), "started": "earlier"}))
-    with fold_lock(run):  # its holder has ended
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from model.run import "
+                               "fold_lock\nwith fold_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+                               str(run)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=f"being trained by process {holder.pid} on "):
+            with fold_lock(run):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()  # killed: its file stays, its lock does not
+    with fold_lock(run):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-    lock.write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "earlier"}))
-    with pytest.raises(RunBusy, match="process 1 on another-machine"):
-        with fold_lock(run):
-            pass
 
 
 def test_training_a_locked_fold_stops_before_any_model_loads(tmp_path, tiny_llama, sample_folds, monkeypatch, capsys):
     import os
-    import socket
+
+    from model.run import fold_lock
 
     out = tmp_path / "runs"
-    lock = out / "tiny-llama" / "fold0-seed42.lock"  # held by a live process of this machine: this one
-    lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
     forbid_model_loading(monkeypatch)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0")))
+    with fold_lock(out / "tiny-llama" / "fold0-seed42"):  # held by this process: the run's own lock is refused
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: train_main(train_args("tiny-llama.yaml", tiny_llama, sample_folds, out, "fold=0")))
     assert exit_info.value.code != 0
     assert f"being trained by process {os.getpid()}" in capsys.readouterr().err
-    assert lock.exists() and not (out / "tiny-llama" / "fold0-seed42.partial").exists()
+    assert not (out / "tiny-llama" / "fold0-seed42.partial").exists()
