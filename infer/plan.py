@@ -183,13 +183,14 @@ def minutes(passes: list[list[int]], infer: InferSettings, layout: str, rate: fl
     return tokens / rate / 60
 
 
-def target_layout(run: Run, hardware: str) -> str:
-    """The batch layout `infer predict` will use on `hardware`: model.hardware.resolve_components (its one rule)
-    at that hardware's compute capability (t4*: 7.5, so the T4 profile's padded batches; cpu*: none; any
-    other: Ampere or newer)."""
+def target_settings(run: Run, hardware: str) -> tuple[str, InferSettings]:
+    """(layout, inference settings) `infer predict` will batch with on `hardware`: model.hardware.resolve_components
+    (its one rule) at that hardware's compute capability (t4*: 7.5, so the T4 profile's padded batches and eager
+    score budget; cpu*: none; any other: Ampere or newer)."""
     capability = None if hardware.startswith("cpu") else T4_CAPABILITY if hardware.startswith("t4") else (8, 0)
     info = model_info(run)
-    return resolve_components(capability, info[0] if info else "", run.model, run.infer).layout
+    components = resolve_components(capability, info[0] if info else "", run.model, run.infer)
+    return components.layout, components.infer
 
 
 def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], float], budget_hours: float,
@@ -208,15 +209,15 @@ def plan(runs: list[Run], df: pd.DataFrame, throughput_for: Callable[[Run], floa
             known.update(zip(todo, row_lengths(run, df, [names[name] for name in todo])))
         passes = [known[name] for name in names]
         flat = [n for p in passes for n in p]
-        layout = target_layout(run, hardware)
-        widths = batch_widths(flat, run.infer, layout)
+        layout, infer = target_settings(run, hardware)
+        widths = batch_widths(flat, infer, layout)
         for j, name in enumerate(names):
             tokens, padded = sum(passes[j]), sum(widths[j * len(df) : (j + 1) * len(df)])
             rows.append({"member": member_name(run), "pass": name, "rows": len(df),
                          "tokens": tokens, "padded_tokens": round(padded), "tokens_per_s": rate,
                          "minutes": (padded if count == "padded" else tokens) / rate / 60})
-        members.append({"run": run, "rate": rate, "passes": passes, "layout": layout,
-                        "minutes": minutes(passes, run.infer, layout, rate, count)})
+        members.append({"run": run, "rate": rate, "passes": passes, "layout": layout, "infer": infer,
+                        "minutes": minutes(passes, infer, layout, rate, count)})
     table = pd.DataFrame(rows)
     return table, budget_warnings(members, budget_hours, count)
 
@@ -233,7 +234,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
 
     out = [f"WARN: estimated {total:.1f} min ({total / 60:.2f} h) exceeds budget_hours={budget_hours:g} ({budget:.0f} min)"]
     if any(len(m["passes"]) > 1 for m in members):
-        plain = sum(minutes(m["passes"][:1], m["run"].infer, m["layout"], m["rate"], count) for m in members)
+        plain = sum(minutes(m["passes"][:1], m["infer"], m["layout"], m["rate"], count) for m in members)
         out.append(f"  infer.tta=false: {outcome(plain)}")
     capped, changes = 0.0, {}
     for m in members:
@@ -242,7 +243,7 @@ def budget_warnings(members: list[dict], budget_hours: float, count: str) -> lis
         cap = max(8, math.ceil(np.percentile(m["passes"][0], 90)))
         if cap < limit:
             changes[f"{member_name(m['run'])} {limit} -> {cap}"] = None  # dict: a member listed twice is named once
-            capped += minutes([[min(n, cap) for n in p] for p in m["passes"]], m["run"].infer, m["layout"], m["rate"], count)
+            capped += minutes([[min(n, cap) for n in p] for p in m["passes"]], m["infer"], m["layout"], m["rate"], count)
         else:
             capped += m["minutes"]
     if changes:

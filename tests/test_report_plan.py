@@ -248,13 +248,24 @@ def test_shipped_configs_have_a_throughput_figure(config, hardware, tmp_path):
     assert ThroughputTable(DEFAULT_TABLE, hardware)(run) > 0
 
 
-def test_planned_layout_is_the_one_predict_resolves(llama_run):
-    """infer plan asks model.hardware.resolve_components, as infer predict does: a T4 pads even a packed run."""
-    from infer.plan import target_layout
-    from model.run import load_run
+def test_planned_layout_is_the_one_predict_resolves(llama_run, tmp_path):
+    """infer plan asks model.hardware.resolve_components, as infer predict does: a T4 pads even a packed run, and
+    batches a soft-capped Gemma-2's eager attention within the T4 score budget."""
+    from bench.common import arch_config
+    from cli.config import build_config
+    from infer.plan import target_settings
+    from model.hardware import T4_EAGER_SCORE_BUDGET
+    from model.run import Run, load_run
+    from train.config import TrainConfig
 
+    layout = lambda run, hardware: target_settings(run, hardware)[0]  # noqa: E731
     packed = load_run(llama_run, {"layout": "packed"}, need_base=False)
-    assert target_layout(packed, "t4x2") == "padded"  # the T4 profile: no flex attention below sm80
-    assert target_layout(packed, "h100") == "packed"
+    assert layout(packed, "t4x2") == "padded"  # the T4 profile: no flex attention below sm80
+    assert layout(packed, "h100") == "packed"
     auto = load_run(llama_run, need_base=False)
-    assert (target_layout(auto, "cpu-2core"), target_layout(auto, "t4x2"), target_layout(auto, "h100")) == ("padded", "padded", "packed")
+    assert (layout(auto, "cpu-2core"), layout(auto, "t4x2"), layout(auto, "h100")) == ("padded", "padded", "packed")
+    assert target_settings(auto, "t4x2")[1].score_budget == -1  # Llama: SDPA, no score matrices
+    cfg = build_config(TrainConfig, REPO / "configs" / "gemma2-9b-qlora.yaml")
+    arch_config("gemma2").save_pretrained(tmp_path)
+    gemma = Run(tmp_path / "run", dataclasses.replace(cfg.model, path=str(tmp_path)), cfg.format, cfg.infer, {})
+    assert target_settings(gemma, "t4x2")[1].score_budget == T4_EAGER_SCORE_BUDGET
