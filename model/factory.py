@@ -200,8 +200,8 @@ class PooledClassifier(nn.Module):
             last = attention_mask.sum(dim=1) - 1
             head_device = next(getattr(base, HEAD).parameters()).device
             if head_device != last.device:  # a split model (model/pipeline.py) ends on another GPU: via the host,
-                last = last.cpu().to(head_device, non_blocking=True)  # as a GPU-to-GPU copy after the backbone would
-                # hold the first GPU until the last one had finished this batch
+                last = last.cpu().pin_memory().to(head_device, non_blocking=True)  # a GPU-to-GPU copy after the
+                # backbone would hold the first GPU until the last one had finished this batch
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return getattr(base, HEAD)(pooled.float()).float()

@@ -58,27 +58,34 @@ def stage_map(base: nn.Module, n_stages: int) -> dict[str, int]:
 
 def stage_hooks(device: torch.device, move: Callable = lambda t, d: t.to(d, non_blocking=True)):
     """(first-layer hook, other-layers hook) for one stage on `device`: the first moves every tensor argument that
-    is elsewhere and remembers the copy of each; the others reuse those copies (the same mask and rotary tables
-    reach every layer of a forward) and move only what they have not seen."""
-    copies: dict[int, torch.Tensor] = {}
+    is elsewhere and remembers the copies of its keyword arguments; the others reuse those copies (the same mask
+    and rotary tables reach every layer of a forward) and move only what they have not seen. The hidden state, the
+    one positional argument, is moved and not kept: its copy is the next layer's input, not the cache's."""
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy): `is` guards id reuse
 
-    def moved(value):
+    def moved(value, keep: bool):
         if isinstance(value, torch.Tensor):
-            if value.device != device and id(value) not in copies:  # the tensors seen live through the forward
-                copies[id(value)] = move(value, device)
-            return copies.get(id(value), value) if value.device != device else value
+            if value.device == device:
+                return value
+            hit = copies.get(id(value))
+            if hit is not None and hit[0] is value:
+                return hit[1]
+            copy = move(value, device)
+            if keep:
+                copies[id(value)] = (value, copy)
+            return copy
         if isinstance(value, (tuple, list)):
-            return type(value)(moved(v) for v in value)
+            return type(value)(moved(v, keep) for v in value)
         if isinstance(value, dict):
-            return {k: moved(v) for k, v in value.items()}
+            return {k: moved(v, keep) for k, v in value.items()}
         return value
 
     def first(module, args, kwargs):
-        copies.clear()  # a new forward: new tensors (the last one's ids may be reused)
-        return moved(args), moved(kwargs)
+        copies.clear()  # a new forward: the last one's copies are no use
+        return moved(args, False), moved(kwargs, True)
 
     def rest(module, args, kwargs):
-        return moved(args), moved(kwargs)
+        return moved(args, False), moved(kwargs, True)
 
     return first, rest
 

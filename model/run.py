@@ -167,24 +167,31 @@ def fold_lock(run_dir: Path):
     while True:
         fd = os.open(lock, os.O_CREAT | os.O_RDWR)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
             try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            os.close(fd)
-            raise RunBusy(f"{run_dir}: being trained by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                          f"since {holder.get('started', '?')} ({lock}); wait for it to finish") from None
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = json.loads(lock.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                raise RunBusy(f"{run_dir}: being trained by process {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')} since {holder.get('started', '?')} ({lock}); wait for it to "
+                              "finish") from None
+            except OSError as err:  # e.g. ENOLCK: a network filesystem without locks
+                raise RunBusy(f"{lock}: cannot be locked ({err}); keep output_dir on a local disk") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False  # its last holder removed it between our open and our lock: take the new file
+            if same:
+                me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(me).encode())
                 break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its last holder removed it between our open and our lock: take the new file
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(me).encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
     try:
         yield lock
     finally:
