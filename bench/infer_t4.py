@@ -59,6 +59,17 @@ def set_attention(model: PooledClassifier, components: Components) -> None:
     base.config._attn_implementation = attention_name(components.attention, base.config.model_type)
 
 
+def random_model(config, device: torch.device, dtype: torch.dtype = torch.float16) -> PooledClassifier:
+    """Seed-0 random weights of `config` built on `device`, the head in fp32, a random LoRA on the repo's targets."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    head_to_fp32(base)
+    return PooledClassifier(random_lora(base, REPO_TARGETS))
+
+
 def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
     """The T4-mode speed rows of one architecture through `add(name, score, max_length, **extra)`; returns FLOPs per token.
 
@@ -107,16 +118,12 @@ def t4_speed(cfg: BenchConfig, arch: str, workdir, add, lengths: dict) -> int:
     half.num_hidden_layers = config.num_hidden_layers // 2
     for softcapping in cappings:
         c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget)
-        torch.manual_seed(0)
-        with torch.device(dev):
-            stage_base = AutoModelForSequenceClassification.from_config(half, dtype=torch.float16)
-        head_to_fp32(stage_base)
-        stage_model = PooledClassifier(random_lora(stage_base, REPO_TARGETS))
+        stage_model = random_model(half, dev)
         prepare(stage_model, c.infer, c.layout)
         set_attention(stage_model, c)
         add(f"t4 repo fp16 2-GPU layer split, {c.attention}{_cap(arch, softcapping)} (stage/2)",
             halved(repo_scorer(stage_model, "padded", cfg.token_budget, c.infer, dev)), first, gpus=2)
-        del stage_model, stage_base
+        del stage_model
         _free()
         stage("layer-split stage row done")
     pipeline_rows(cfg, arch, add, stage, cappings)
@@ -138,8 +145,6 @@ def pipeline_rows(cfg: BenchConfig, arch: str, add, stage, cappings: list[bool])
     """infer.pipeline=2 as `infer predict` runs it: the fp16 model, LoRA merged, its decoder layers split over two
     GPUs (model/pipeline.py), each capped at 15 GiB, the stages overlapping on consecutive batches; reported per GPU
     (the machine's rate / 2), beside the stage rows above that assume the overlap. Only with two GPUs."""
-    from transformers import AutoModelForSequenceClassification
-
     devices = pipeline_devices()
     if len(devices) < 2:
         print(f"{arch}: pipelined 2-GPU rows skipped ({torch.cuda.device_count()} GPU visible); the stage rows stand in")
@@ -147,11 +152,7 @@ def pipeline_rows(cfg: BenchConfig, arch: str, add, stage, cappings: list[bool])
     for d in devices:  # the full fp16 model is built on the first GPU before the cap, as in t4_speed
         if d.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, d.index)
-    torch.manual_seed(0)
-    with torch.device(devices[0]):
-        base = AutoModelForSequenceClassification.from_config(arch_config(arch), dtype=torch.float16)
-    head_to_fp32(base)
-    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    model = random_model(arch_config(arch), devices[0])
     for softcapping in cappings:
         c = t4_components(arch, softcapping=softcapping, int8=False, token_budget=cfg.token_budget, pipeline=2)
         if softcapping == cappings[0]:
@@ -161,7 +162,7 @@ def pipeline_rows(cfg: BenchConfig, arch: str, add, stage, cappings: list[bool])
         set_attention(model, c)
         add(f"t4 repo fp16 2-GPU layer split, pipelined, {c.attention}{_cap(arch, softcapping)} (/2)",
             halved(repo_scorer(model, "padded", cfg.token_budget, c.infer, devices[0])), cfg.max_lengths[0], gpus=2)
-    del model, base
+    del model
     _free()
     stage("pipelined rows done")
 
@@ -282,17 +283,11 @@ def compared(probs: dict, rows: int, model: str) -> list[dict]:
 def t4_exact_random(cfg: BenchConfig, arch: str, layers: int = 4, rows: int = 64, max_length: int = 1024) -> list[dict]:
     """t4_exact on random weights of a real architecture's widths (int8 error grows with the width summed over),
     cut to its first `layers` decoder layers so the fp32 reference fits the 15 GiB cap."""
-    from transformers import AutoModelForSequenceClassification
-
     dev = torch.device(cfg.device)
     config = arch_config(arch)
     config.num_hidden_layers = layers
     seqs = random_rows(rows, max_length, config.vocab_size, seed=1)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    head_to_fp32(base)
-    model = PooledClassifier(random_lora(base, REPO_TARGETS))
+    model = random_model(config, dev, torch.float32)
     probs = {"fp32 plain one-row": reference_probs(model, seqs, dev)[0]}
     model.base.to(torch.float16)
     head_to_fp32(model.base)
