@@ -102,3 +102,12 @@ def test_distill_config_is_the_recipe_plus_its_teacher():
     added = {k: distill["train"].pop(k) for k in [k for k in distill["train"] if k.startswith("distill_")]}
     assert distill == recipe
     assert added == {"distill_from": "runs/stack-seed42", "distill_weight": 0.5, "distill_temperature": 1.0}
+
+
+def test_pdistill_config_is_the_distill_config_started_from_the_prestage():
+    """configs/smollm2-mtbench-pdistill.yaml (the best recipe) is the distillation config plus train.init_from, the
+    pre-stage run folder that configs/smollm2-alpaca.yaml writes (fold 0, seed 42)."""
+    distill = yaml.safe_load((REPO / "configs" / "smollm2-mtbench-distill.yaml").read_text())
+    pdistill = yaml.safe_load((REPO / "configs" / "smollm2-mtbench-pdistill.yaml").read_text())
+    assert pdistill["train"].pop("init_from") == "runs/smollm2-alpaca/fold0-seed42"
+    assert pdistill == distill

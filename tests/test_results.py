@@ -1,6 +1,6 @@
-"""README's figures from the methods phase's two GPU passes, recomputed from the files they brought back
-(docs/mtbench/methods-pass1/, methods-pass2/) and the MT-Bench votes; skipped where ../shared/data is absent.
-The stacks of the second pass are refitted here (nested, as `infer ensemble` does), not read back."""
+"""README's figures from the methods phase's three GPU passes, recomputed from the files they brought back
+(docs/mtbench/methods-pass1/, -pass2/, -pass3/) and the MT-Bench votes; skipped where ../shared/data is absent.
+The stacks of the second and third passes are refitted here (nested, as `infer ensemble` does), not read back."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from infer.metrics import log_loss, read_probs
 
 PASS1 = REPO / "docs" / "mtbench" / "methods-pass1"
 PASS2 = REPO / "docs" / "mtbench" / "methods-pass2"
+PASS3 = REPO / "docs" / "mtbench" / "methods-pass3"
 MT = SHARED_DATA / "mtbench_human.csv"
 pytestmark = pytest.mark.skipif(not MT.is_file(), reason=f"{MT} absent")
 
@@ -115,3 +116,43 @@ def test_pass2_train64_students_out_of_fold(truth):
         oof = read_probs(PASS2 / (f"{name}-oof.csv" if name == "stack64" else f"{name}-oof-seed42.csv"))
         assert len(oof) == 1374 and oof["id"].is_unique
         assert round(loss(truth, oof), 4) == expected
+
+
+def test_pass3_methods_all_folds(truth):
+    for name, expected in (("prestaged-oof-seed42", 0.9177), ("pdistill-oof-seed42", 0.9039),
+                           ("smooth-oof-seed42", 0.9266), ("distill-oof-seed7", 0.9121)):
+        oof = read_probs(PASS3 / f"{name}.csv")
+        assert len(oof) == 1689 and oof["id"].is_unique
+        assert round(loss(truth, oof), 4) == expected
+        cv = json.loads((PASS3 / f"{name.replace('-oof-', '-cv-')}.json").read_text())
+        assert round(cv["oof_log_loss"], 4) == expected
+    prestage = json.loads((PASS3 / "prestage-metrics.json").read_text())
+    assert (prestage["rows"], round(prestage["log_loss"], 4), round(prestage["accuracy"], 4)) == (998, 0.4848, 0.7555)
+
+
+def clustered_gain(folded: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float]:
+    """Mean per-row log-loss difference a - b and its standard error with rows clustered by question."""
+    t = np.stack(folded["target"].to_numpy())
+    rows = lambda p: -(t * np.log(np.clip(p.set_index("id").loc[folded["id"], list(LABEL_COLS)].to_numpy(), 1e-15, 1))).sum(1)  # noqa: E731
+    d = pd.Series(rows(a) - rows(b)).groupby(folded["question_id"].to_numpy()).sum()
+    return float(d.sum() / len(t)), float(np.sqrt(len(d) / (len(d) - 1) * (d**2).sum()) / len(t))
+
+
+def test_pass3_stacks_refitted(folded):
+    """Each method stacked on the length model (nested); pdistill is the one at or under the issue's 0.90."""
+    oof = {"plain": read_probs(PASS1 / "plain-oof-seed42.csv"), "distill": read_probs(PASS2 / "distill-oof-seed42.csv"),
+           "distill7": read_probs(PASS3 / "distill-oof-seed7.csv"), "length": read_probs(PASS2 / "length-oof.csv"),
+           **{m: read_probs(PASS3 / f"{m}-oof-seed42.csv") for m in ("prestaged", "pdistill", "smooth")}}
+    nested, fits = {}, {}
+    for combo in ("plain", "distill", "distill7", "smooth", "prestaged", "pdistill", "distill+distill7", "pdistill+distill",
+                  "pdistill+prestaged"):
+        recipe, fits[combo] = fit_ensemble({m: oof[m] for m in combo.split("+") + ["length"]}, folded, "stack")
+        nested[combo] = round(recipe["oof_log_loss"]["ensemble_nested"], 4)
+    assert nested == {"plain": 0.9182, "distill": 0.9058, "distill7": 0.9071, "smooth": 0.9184, "prestaged": 0.9076,
+                      "pdistill": 0.8980, "distill+distill7": 0.9082, "pdistill+distill": 0.9029, "pdistill+prestaged": 0.9002}
+    gains = {(a, b): tuple(round(x, 4) for x in clustered_gain(folded, fits[a], fits[b]))
+             for a, b in (("pdistill", "distill"), ("pdistill", "plain"), ("prestaged", "plain"), ("smooth", "plain"),
+                          ("distill", "distill7"))}
+    assert gains == {("pdistill", "distill"): (-0.0077, 0.0068), ("pdistill", "plain"): (-0.0201, 0.0085),
+                     ("prestaged", "plain"): (-0.0106, 0.0091), ("smooth", "plain"): (0.0003, 0.0015),
+                     ("distill", "distill7"): (-0.0014, 0.0053)}

@@ -53,16 +53,21 @@ case $PHASE in methods|all)
   #   smooth     the recipe with label smoothing 0.1: what soft targets alone buy, beside distill
   #   pseudo     pool = POOL_ROWS AlpacaEval pairs (labels ignored, no MT-Bench prompt); fold k trains with the
   #              pool as fold k's run alone scored it (POOL_PREDS, default RUNS/pool-pred{fold}.csv; weight 0.5)
-  #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch; `prestaged` = the recipe started from it
+  #   prestage   AlpacaEval (GPT-4 judge), PRE_ROWS rows, 1 epoch (also run for the two steps below)
+  #   prestaged  the recipe started from the pre-stage
+  #   pdistill   the recipe started from the pre-stage and distilled from TEACHER
   #   merge      the recipe on 64 questions; on the 16 others (every fifth, held out of every fold) each fold,
   #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
   #   distill64  distillation without the leak: the 64-question recipe's stack is the teacher of 64-question
   #              students; both five-fold ensembles are scored on the 16 held-out questions
+  # distill@7 (likewise plain, smooth, prestaged, pdistill): that method's folds with another seed; each
+  # seed is stacked on the length model, and a method with two seeds also both seeds with the length model.
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
-  # PAR: 9 on one H200 (at 10, three folds ran out of GPU memory). Starting the CUDA multi-process service first
+  # PAR: 8 on one H200 (a fold takes about 15 GB, the pre-stage 19 GB: at 9 the pre-stage and two folds ran out of
+  # GPU memory in the third pass, at 10 three folds in the second). Starting the CUDA multi-process service first
   # (nvidia-cuda-mps-control -d) cut a fold from about 460 s to 340-370 s side by side (docs/mtbench/methods-pass2/).
-  STEPS=" ${STEPS:-plain distill pseudo prestage merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
+  STEPS=" ${STEPS:-plain distill pseudo prestaged merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
   TEACHER=${TEACHER:-$RUNS/stack-seed42}; POOL_PREDS=${POOL_PREDS:-$RUNS/pool-pred\{fold\}.csv}
   HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
   [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
@@ -76,7 +81,7 @@ ae = ae[ae.id.isin(folds.id[folds.fold == 1]) & ~ae.prompt.map(prompt_key).isin(
 ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/alpaca-folds.csv" "$POOL" "${POOL_ROWS:-1000}"
   job() {  # job NAME cmd...: run in the background once a slot is free; its start and end go to the timeline
     local name=$1; shift
-    while [ "$(jobs -rp | wc -l)" -ge "${PAR:-9}" ]; do wait -n || true; done
+    while [ "$(jobs -rp | wc -l)" -ge "${PAR:-8}" ]; do wait -n || true; done
     ( echo "$(date +%s) start $name" >> "$TL"; if "$@" > "$RUNS/$name.log" 2>&1; then r=ok; else r=FAILED; fi
       echo "$(date +%s) end $name $r" >> "$TL" ) &
   }
@@ -85,10 +90,16 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   declare -A ARGS=([plain]="" [distill]="train.distill_from=$TEACHER" [smooth]="train.label_smoothing=0.1"
     [pseudo]="data.extra_csv=$RUNS/pseudo{fold}.csv train.soft_labels=true"
     [prestaged]="train.init_from=$RUNS/smollm2-alpaca/fold0-seed42")
-  folds() { PIDS=(); for k in 0 1 2 3 4; do job "$1-seed42-fold$k" $PY -m train $(recipe) name="$1" fold=$k ${ARGS[$1]}; PIDS+=($!); done; }
-  collect() { $PY -m train $(recipe) name="$1" ${ARGS[$1]} > "$RUNS/$1-seed42.log" 2>&1 || true; }  # folds reused: CV, oof
+  ARGS[pdistill]="${ARGS[prestaged]} ${ARGS[distill]}"
+  folds() {  # folds NAME [SEED]
+    local s=${2:-42}; PIDS=()
+    for k in 0 1 2 3 4; do job "$1-seed$s-fold$k" $PY -m train $(recipe) seed=$s name="$1" fold=$k ${ARGS[$1]}; PIDS+=($!); done
+  }
+  collect() { $PY -m train $(recipe) seed=${2:-42} name="$1" ${ARGS[$1]} > "$RUNS/$1-seed${2:-42}.log" 2>&1 || true; }  # folds reused: CV, oof
+  SEEDED=$(for s in $STEPS; do case $s in plain@*|distill@*|smooth@*|prestaged@*|pdistill@*) echo "$s";; *@*) echo "no seeded step $s" >&2; exit 2;; esac; done)
   PRE=; P42=(); T64=(); PS=()
-  if has prestage; then
+  PRESTEPS=$(for s in $STEPS; do case $s in prestaged|pdistill|prestaged@*|pdistill@*) echo "$s";; esac; done)
+  if has prestage || [ -n "$PRESTEPS" ]; then
     job prestage $PY -m train configs/smollm2-alpaca.yaml seed=42 fold=0 data.train_csv="$AE" data.max_train_rows="${PRE_ROWS:-6000}" \
       data.folds_csv="$RUNS/alpaca-folds.csv" data.exclude_prompts_of="[$MT]" output_dir="$RUNS" train.save_steps=100 ${EXTRA:-}
     PRE=$!
@@ -110,6 +121,7 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     done; fi
   fi
   has distill && folds distill
+  for s in $SEEDED; do case $s in prestaged@*|pdistill@*) ;; *) folds "${s%@*}" "${s#*@}";; esac; done
   has smooth && folds smooth
   if has pseudo; then
     wait "${PS[@]}" || true
@@ -135,13 +147,14 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
       verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
       out=$RUNS/heldout.csv overwrite=true; done"
   fi
-  if has prestage; then
+  if [ -n "$PRESTEPS" ]; then
     wait $PRE || true
-    folds prestaged
+    for s in $PRESTEPS; do if [[ $s == *@* ]]; then folds "${s%@*}" "${s#*@}"; else folds "$s"; fi; done
   fi
   wait
   for m in distill smooth pseudo; do has $m && collect $m; done
-  has prestage && collect prestaged
+  for s in $SEEDED; do collect "${s%@*}" "${s#*@}"; done  # (prestaged@S, pdistill@S too)
+  for s in $PRESTEPS; do [[ $s == *@* ]] || collect "$s"; done
   if has distill64; then  # the five folds of each on the held-out questions
     : > "$RUNS/heldout64.log"
     for m in train64 distill64; do
@@ -152,11 +165,17 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   fi
   # each method stacked on the length model (nested), then all of them together
   all=
-  for m in plain distill smooth pseudo prestaged; do
-    [ -f "$RUNS/$m/oof-seed42.csv" ] || continue
-    all="$all$RUNS/$m@42,"
-    [ $m = plain ] || $PY -m infer ensemble members="$RUNS/$m@42,$RUNS/length" labels="$MT" \
-      folds="$RUNS/mtbench-folds.csv" method=stack out="$RUNS/stack-$m" > "$RUNS/stack-$m.log" 2>&1 || true
+  stack() { $PY -m infer ensemble members="$2$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
+    out="$RUNS/$1" > "$RUNS/$1.log" 2>&1 || true; }  # stack OUT_NAME "members,"
+  for m in plain distill smooth pseudo prestaged pdistill; do
+    [ -f "$RUNS/$m/oof-seed42.csv" ] && all="$all$RUNS/$m@42,"
+    seeds=
+    for f in "$RUNS/$m"/oof-seed*.csv; do
+      [ -f "$f" ] || continue
+      s=${f##*oof-seed}; s=${s%.csv}; seeds="$seeds$RUNS/$m@$s,"
+      if [ $s = 42 ]; then [ $m = plain ] || stack "stack-$m" "$RUNS/$m@42,"; else stack "stack-$m-seed$s" "$RUNS/$m@$s,"; fi
+    done
+    [ "$(echo "$seeds" | tr -cd , | wc -c)" -ge 2 ] && stack "stack-$m-seeds" "$seeds"
   done
   $PY -m infer ensemble members="${all}$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
     out="$RUNS/stack-methods" > "$RUNS/stack-methods.log" 2>&1 || true
