@@ -47,7 +47,7 @@ case $PHASE in objective|all)
 case $PHASE in methods|all)
   # Issue 17's methods on one GPU, every step in a queue of at most PAR processes (a finished fold is
   # reused on a rerun, so the phase resumes where a cut command left it). Timeline: RUNS/methods-timeline.log.
-  # STEPS (default: plain distill pseudo prestage merge; also: smooth):
+  # STEPS (default: plain distill pseudo prestaged merge; also: smooth, prestage, pdistill, distill64):
   #   plain      the recipe; its folds score the pseudo-label pool and its stack with the length model is the teacher
   #   distill    the recipe with KL to TEACHER (default: that stack's nested OOF; train.distill_from, α 0.5)
   #   smooth     the recipe with label smoothing 0.1: what soft targets alone buy, beside distill
@@ -60,14 +60,18 @@ case $PHASE in methods|all)
   #              the fold ensemble and the merged adapter (train.export --merge-folds) are scored
   #   distill64  distillation without the leak: the 64-question recipe's stack is the teacher of 64-question
   #              students; both five-fold ensembles are scored on the 16 held-out questions
-  # distill@7 (likewise plain, smooth, prestaged, pdistill): that method's folds with another seed; each
+  # distill@7 (likewise plain, smooth, pseudo, prestaged, pdistill): that method's folds with another seed; each
   # seed is stacked on the length model, and a method with two seeds also both seeds with the length model.
+  # SEED64 (default 42): the seed of the 64-question runs of merge and distill64 (named train64-s<SEED64> and
+  # distill64-s<SEED64> when not 42, so each export and ensemble holds one seed's folds).
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
   # PAR: 8 on one H200 (a fold takes about 15 GB, the pre-stage 19 GB: at 9 the pre-stage and two folds ran out of
   # GPU memory in the third pass, at 10 three folds in the second). Starting the CUDA multi-process service first
   # (nvidia-cuda-mps-control -d) cut a fold from about 460 s to 340-370 s side by side (docs/mtbench/methods-pass2/).
   STEPS=" ${STEPS:-plain distill pseudo prestaged merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
+  wants() { has "$1" || [[ $STEPS == *" $1@"* ]]; }  # the step at any seed
+  seeds() { has "$1" && echo 42; for s in $STEPS; do [[ $s == "$1@"* ]] && echo "${s#*@}"; done; true; }
   TEACHER=${TEACHER:-$RUNS/stack-seed42}; POOL_PREDS=${POOL_PREDS:-$RUNS/pool-pred\{fold\}.csv}
   HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
   [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
@@ -96,7 +100,7 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     for k in 0 1 2 3 4; do job "$1-seed$s-fold$k" $PY -m train $(recipe) seed=$s name="$1" fold=$k ${ARGS[$1]}; PIDS+=($!); done
   }
   collect() { $PY -m train $(recipe) seed=${2:-42} name="$1" ${ARGS[$1]} > "$RUNS/$1-seed${2:-42}.log" 2>&1 || true; }  # folds reused: CV, oof
-  SEEDED=$(for s in $STEPS; do case $s in plain@*|distill@*|smooth@*|prestaged@*|pdistill@*) echo "$s";; *@*) echo "no seeded step $s" >&2; exit 2;; esac; done)
+  SEEDED=$(for s in $STEPS; do case $s in plain@*|distill@*|smooth@*|pseudo@*|prestaged@*|pdistill@*) echo "$s";; *@*) echo "no seeded step $s" >&2; exit 2;; esac; done)
   PRE=; P42=(); T64=(); PS=()
   PRESTEPS=$(for s in $STEPS; do case $s in prestaged|pdistill|prestaged@*|pdistill@*) echo "$s";; esac; done)
   if has prestage || [ -n "$PRESTEPS" ]; then
@@ -105,47 +109,48 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     PRE=$!
   fi
   if has plain; then folds plain; P42=("${PIDS[@]}"); fi
-  t64() { echo configs/smollm2-mtbench.yaml seed=42 data.train_csv=$TR data.folds_csv=$RUNS/train64-folds.csv output_dir=$RUNS ${EXTRA:-}; }
+  S64=${SEED64:-42}; N64=train64; D64=distill64; [ "$S64" = 42 ] || { N64=train64-s$S64; D64=distill64-s$S64; }
+  t64() { echo configs/smollm2-mtbench.yaml seed=$S64 data.train_csv=$TR data.folds_csv=$RUNS/train64-folds.csv output_dir=$RUNS ${EXTRA:-}; }
   if has merge || has distill64; then for k in 0 1 2 3 4; do
-    job train64-fold$k $PY -m train $(t64) name=train64 fold=$k; T64+=($!)
+    job $N64-fold$k $PY -m train $(t64) name=$N64 fold=$k; T64+=($!)
   done; fi
   if has plain; then
     wait "${P42[@]}" || true  # (a job reaped by a slot wait reads as not a child)
     collect plain
     $PY -m infer ensemble members="$RUNS/plain@42,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
       method=stack out="$RUNS/stack-seed42" > "$RUNS/stack-seed42.log" 2>&1 || true
-    if has pseudo && [ "$POOL_PREDS" = "$RUNS/pool-pred{fold}.csv" ]; then for k in 0 1 2 3 4; do
+    if wants pseudo && [ "$POOL_PREDS" = "$RUNS/pool-pred{fold}.csv" ]; then for k in 0 1 2 3 4; do
       # the pool as fold k's run alone sees it: that run never trained on fold k
       job pool-fold$k $PY -m infer predict runs="$RUNS/plain/fold$k-seed42" csv="$POOL" out="$RUNS/pool-pred$k.csv" overwrite=true
       PS+=($!)
     done; fi
   fi
   has distill && folds distill
-  for s in $SEEDED; do case $s in prestaged@*|pdistill@*) ;; *) folds "${s%@*}" "${s#*@}";; esac; done
+  for s in $SEEDED; do case $s in pseudo@*|prestaged@*|pdistill@*) ;; *) folds "${s%@*}" "${s#*@}";; esac; done
   has smooth && folds smooth
-  if has pseudo; then
+  if wants pseudo; then
     wait "${PS[@]}" || true
     for k in 0 1 2 3 4; do
       $PY -m train.pseudo preds="${POOL_PREDS//\{fold\}/$k}" csv="$POOL" out="$RUNS/pseudo$k.csv" weight=0.5 overwrite=true \
         > "$RUNS/pseudo-labels$k.log" 2>&1 || true
     done
-    folds pseudo
+    for s in $(seeds pseudo); do folds pseudo "$s"; done
   fi
   if has merge || has distill64; then wait "${T64[@]}" || true; fi
   if has distill64; then  # distillation measured without the leak: teacher and students never see the 16 held-out questions
     [ -d "$RUNS/length64" ] || $PY -m train.length csv="$TR" folds="$RUNS/train64-folds.csv" out="$RUNS/length64" \
       > "$RUNS/length64.log" 2>&1 || true
-    $PY -m train $(t64) name=train64 fold=all > "$RUNS/train64-seed42.log" 2>&1 || true  # folds reused: oof-seed42.csv
-    $PY -m infer ensemble members="$RUNS/train64@42,$RUNS/length64" labels="$TR" folds="$RUNS/train64-folds.csv" \
-      method=stack out="$RUNS/stack64" > "$RUNS/stack64.log" 2>&1 || true
-    for k in 0 1 2 3 4; do job distill64-fold$k $PY -m train $(t64) name=distill64 fold=$k train.distill_from="$RUNS/stack64"; done
+    $PY -m train $(t64) name=$N64 fold=all > "$RUNS/$N64-seed$S64.log" 2>&1 || true  # folds reused: oof-seed$S64.csv
+    $PY -m infer ensemble members="$RUNS/$N64@$S64,$RUNS/length64" labels="$TR" folds="$RUNS/train64-folds.csv" \
+      method=stack out="$RUNS/stack64-s$S64" > "$RUNS/stack64-s$S64.log" 2>&1 || true
+    for k in 0 1 2 3 4; do job $D64-fold$k $PY -m train $(t64) name=$D64 fold=$k train.distill_from="$RUNS/stack64-s$S64"; done
   fi
   if has merge; then
-    held="$(ls -d "$RUNS"/train64/fold*-seed42 | tr '\n' ' ')$(ls -d "$RUNS"/train64/fold*-seed42 | paste -sd, -)"
-    held="$held $RUNS/train64-export/members/train64/merged"
-    job merge sh -c "$PY -m train.export runs=$RUNS/train64 dataset_id=local/merge-check out=$RUNS/train64-export --merge-folds \
+    held="$(ls -d "$RUNS/$N64"/fold*-seed$S64 | tr '\n' ' ')$(ls -d "$RUNS/$N64"/fold*-seed$S64 | paste -sd, -)"
+    held="$held $RUNS/$N64-export/members/$N64/merged"
+    job merge-s$S64 sh -c "$PY -m train.export runs=$RUNS/$N64 dataset_id=local/merge-check out=$RUNS/$N64-export --merge-folds \
       verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
-      out=$RUNS/heldout.csv overwrite=true; done"
+      out=$RUNS/heldout-s$S64.csv overwrite=true; done"
   fi
   if [ -n "$PRESTEPS" ]; then
     wait $PRE || true
@@ -157,9 +162,9 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   for s in $PRESTEPS; do [[ $s == *@* ]] || collect "$s"; done
   if has distill64; then  # the five folds of each on the held-out questions
     : > "$RUNS/heldout64.log"
-    for m in train64 distill64; do
+    for m in $N64 $D64; do
       echo "== $m" >> "$RUNS/heldout64.log"
-      $PY -m infer predict runs="$(ls -d "$RUNS/$m"/fold*-seed42 | paste -sd, -)" csv="$HO" out="$RUNS/heldout-$m.csv" \
+      $PY -m infer predict runs="$(ls -d "$RUNS/$m"/fold*-seed$S64 | paste -sd, -)" csv="$HO" out="$RUNS/heldout-$m.csv" \
         overwrite=true >> "$RUNS/heldout64.log" 2>&1 || true
     done
   fi
@@ -169,13 +174,13 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     out="$RUNS/$1" > "$RUNS/$1.log" 2>&1 || true; }  # stack OUT_NAME "members,"
   for m in plain distill smooth pseudo prestaged pdistill; do
     [ -f "$RUNS/$m/oof-seed42.csv" ] && all="$all$RUNS/$m@42,"
-    seeds=
+    ms=
     for f in "$RUNS/$m"/oof-seed*.csv; do
       [ -f "$f" ] || continue
-      s=${f##*oof-seed}; s=${s%.csv}; seeds="$seeds$RUNS/$m@$s,"
+      s=${f##*oof-seed}; s=${s%.csv}; ms="$ms$RUNS/$m@$s,"
       if [ $s = 42 ]; then [ $m = plain ] || stack "stack-$m" "$RUNS/$m@42,"; else stack "stack-$m-seed$s" "$RUNS/$m@$s,"; fi
     done
-    [ "$(echo "$seeds" | tr -cd , | wc -c)" -ge 2 ] && stack "stack-$m-seeds" "$seeds"
+    [ "$(echo "$ms" | tr -cd , | wc -c)" -ge 2 ] && stack "stack-$m-seeds" "$ms"
   done
   $PY -m infer ensemble members="${all}$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
     out="$RUNS/stack-methods" > "$RUNS/stack-methods.log" 2>&1 || true
