@@ -64,6 +64,7 @@ case $PHASE in methods|all)
   # seed is stacked on the length model, and a method with two seeds also both seeds with the length model.
   # SEED64 (default 42): the seed of the 64-question runs of merge and distill64 (named train64-s<SEED64> and
   # distill64-s<SEED64> when not 42, so each export and ensemble holds one seed's folds).
+  # A phase with a failed job reruns itself once (one process fewer), so only what failed trains again.
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
   # PAR: 8 on one H200 (a fold takes about 15 GB, the pre-stage 19 GB: at 9 the pre-stage and two folds ran out of
@@ -74,6 +75,7 @@ case $PHASE in methods|all)
   seeds() { has "$1" && echo 42; for s in $STEPS; do [[ $s == "$1@"* ]] && echo "${s#*@}"; done; true; }
   TEACHER=${TEACHER:-$RUNS/stack-seed42}; POOL_PREDS=${POOL_PREDS:-$RUNS/pool-pred\{fold\}.csv}
   HO=$RUNS/mtbench-heldout.csv; TR=$RUNS/mtbench-train64.csv; POOL=$RUNS/pool.csv; TL=$RUNS/methods-timeline.log
+  TL0=$( [ -f "$TL" ] && wc -l < "$TL" || echo 0)  # this run's timeline lines start after TL0
   [ -f "$HO" ] || $PY -c "import pandas as pd, sys; d = pd.read_csv(sys.argv[1]); q = sorted(d.question_id.unique())[::5]
 d[d.question_id.isin(q)].to_csv(sys.argv[2], index=False); d[~d.question_id.isin(q)].to_csv(sys.argv[3], index=False)" "$MT" "$HO" "$TR"
   [ -f "$RUNS/train64-folds.csv" ] || $PY -m data.folds csv="$TR" out="$RUNS/train64-folds.csv" group_col=question_id
@@ -184,6 +186,12 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   done
   $PY -m infer ensemble members="${all}$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" method=stack \
     out="$RUNS/stack-methods" > "$RUNS/stack-methods.log" 2>&1 || true
+  # A job that failed (out of GPU memory, most often) gets one more chance: the phase once more, one process fewer,
+  # in dependency order; it reuses every finished fold, so only what failed trains again.
+  if [ -z "${METHODS_RETRY:-}" ] && tail -n +$((TL0 + 1)) "$TL" | grep -q " FAILED$"; then
+    echo "$(date +%s) rerun for the failed jobs" >> "$TL"
+    PAR=$(( ${PAR:-8} > 1 ? ${PAR:-8} - 1 : 1 )) METHODS_RETRY=1 exec bash "$0" "$DATA" "$RUNS" methods
+  fi
   echo "$(date +%s) end methods" >> "$TL" ;; esac
 case $PHASE in combine|all)  # CPU: stacking on the length model, nested over the folds, and the report
   for s in 42 7; do
