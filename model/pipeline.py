@@ -15,7 +15,7 @@ stage's first layer moves them all once, at the boundary, and the stage's other 
 (Gemma-2 alternates a sliding-window and a full mask, so its second mask crosses at the stage's second layer:
 a stall of one layer, not of the stage).
 `PooledClassifier` sends the pooling index to the last GPU from the host for the same reason.
-T4 mode measured one stage at a time (README: Performance, T4 mode): 1.58x the seed method per GPU; the
+T4 mode measured one stage at a time (README: Performance, T4 mode): 1.46-1.58x the seed method on Gemma-2; the
 overlap itself needs two GPUs (`python -m bench.infer t4_mode=true` measures it there).
 """
 from __future__ import annotations
