@@ -67,8 +67,8 @@ case $PHASE in methods|all)
   # A phase with a failed job reruns itself once (one process fewer), so only what failed trains again.
   # TEACHER and POOL_PREDS may name files of an earlier pass (docs/mtbench/methods-pass1/: the stack's
   # OOF, pool-pred{fold}.csv), so a later GPU session need not train `plain` again for them.
-  # PAR: 8 on one H200 (a fold takes about 15 GB, the pre-stage 19 GB: at 9 the pre-stage and two folds ran out of
-  # GPU memory in the third pass, at 10 three folds in the second). Starting the CUDA multi-process service first
+  # PAR: 8 on one H200 (a fold takes about 15 GB, the pre-stage 19 GB: at 9 the pre-stage and a fold ran out of
+  # GPU memory in the third pass and another fold failed in cuDNN attention, at 10 three folds in the second). Starting the CUDA multi-process service first
   # (nvidia-cuda-mps-control -d) cut a fold from about 460 s to 340-370 s side by side (docs/mtbench/methods-pass2/).
   STEPS=" ${STEPS:-plain distill pseudo prestaged merge} "; has() { [[ $STEPS == *" $1 "* ]]; }
   wants() { has "$1" || [[ $STEPS == *" $1@"* ]]; }  # the step at any seed
@@ -111,7 +111,7 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
     PRE=$!
   fi
   if has plain; then folds plain; P42=("${PIDS[@]}"); fi
-  S64=${SEED64:-42}; N64=train64; D64=distill64; [ "$S64" = 42 ] || { N64=train64-s$S64; D64=distill64-s$S64; }
+  S64=${SEED64:-42}; X64=; [ "$S64" = 42 ] || X64=-s$S64; N64=train64$X64; D64=distill64$X64  # seed 42 keeps the names
   t64() { echo configs/smollm2-mtbench.yaml seed=$S64 data.train_csv=$TR data.folds_csv=$RUNS/train64-folds.csv output_dir=$RUNS ${EXTRA:-}; }
   if has merge || has distill64; then for k in 0 1 2 3 4; do
     job $N64-fold$k $PY -m train $(t64) name=$N64 fold=$k; T64+=($!)
@@ -131,7 +131,7 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   for s in $SEEDED; do case $s in pseudo@*|prestaged@*|pdistill@*) ;; *) folds "${s%@*}" "${s#*@}";; esac; done
   has smooth && folds smooth
   if wants pseudo; then
-    wait "${PS[@]}" || true
+    [ ${#PS[@]} -eq 0 ] || wait "${PS[@]}" || true  # (wait without ids would wait for every job)
     for k in 0 1 2 3 4; do
       $PY -m train.pseudo preds="${POOL_PREDS//\{fold\}/$k}" csv="$POOL" out="$RUNS/pseudo$k.csv" weight=0.5 overwrite=true \
         > "$RUNS/pseudo-labels$k.log" 2>&1 || true
@@ -144,15 +144,15 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
       > "$RUNS/length64.log" 2>&1 || true
     $PY -m train $(t64) name=$N64 fold=all > "$RUNS/$N64-seed$S64.log" 2>&1 || true  # folds reused: oof-seed$S64.csv
     $PY -m infer ensemble members="$RUNS/$N64@$S64,$RUNS/length64" labels="$TR" folds="$RUNS/train64-folds.csv" \
-      method=stack out="$RUNS/stack64-s$S64" > "$RUNS/stack64-s$S64.log" 2>&1 || true
-    for k in 0 1 2 3 4; do job $D64-fold$k $PY -m train $(t64) name=$D64 fold=$k train.distill_from="$RUNS/stack64-s$S64"; done
+      method=stack out="$RUNS/stack64$X64" > "$RUNS/stack64$X64.log" 2>&1 || true
+    for k in 0 1 2 3 4; do job $D64-fold$k $PY -m train $(t64) name=$D64 fold=$k train.distill_from="$RUNS/stack64$X64"; done
   fi
-  if has merge; then
+  if has merge && ls -d "$RUNS/$N64"/fold*-seed$S64 > /dev/null 2>&1; then  # (no fold at all: the rerun below)
     held="$(ls -d "$RUNS/$N64"/fold*-seed$S64 | tr '\n' ' ')$(ls -d "$RUNS/$N64"/fold*-seed$S64 | paste -sd, -)"
     held="$held $RUNS/$N64-export/members/$N64/merged"
-    job merge-s$S64 sh -c "$PY -m train.export runs=$RUNS/$N64 dataset_id=local/merge-check out=$RUNS/$N64-export --merge-folds \
+    job merge$X64 sh -c "$PY -m train.export runs=$RUNS/$N64 dataset_id=local/merge-check out=$RUNS/$N64-export --merge-folds \
       verify_rows=0 overwrite=true; for r in $held; do echo \"== \$r\"; $PY -m infer predict runs=\$r csv=$HO \
-      out=$RUNS/heldout-s$S64.csv overwrite=true; done"
+      out=$RUNS/heldout$X64.csv overwrite=true; done"
   fi
   if [ -n "$PRESTEPS" ]; then
     wait $PRE || true
@@ -189,10 +189,11 @@ ae.head(int(sys.argv[5])).to_csv(sys.argv[4], index=False)" "$AE" "$MT" "$RUNS/a
   # A job that failed (out of GPU memory, most often) gets one more chance: the phase once more, one process fewer,
   # in dependency order; it reuses every finished fold, so only what failed trains again.
   if [ -z "${METHODS_RETRY:-}" ] && tail -n +$((TL0 + 1)) "$TL" | grep -q " FAILED$"; then
-    echo "$(date +%s) rerun for the failed jobs" >> "$TL"
-    PAR=$(( ${PAR:-8} > 1 ? ${PAR:-8} - 1 : 1 )) METHODS_RETRY=1 exec bash "$0" "$DATA" "$RUNS" methods
-  fi
-  echo "$(date +%s) end methods" >> "$TL" ;; esac
+    echo "$(date +%s) rerun for the failed jobs" >> "$TL"  # the rerun writes `end methods`
+    PAR=$(( ${PAR:-8} > 1 ? ${PAR:-8} - 1 : 1 )) METHODS_RETRY=1 bash "$0" "$DATA" "$RUNS" methods || true
+  else
+    echo "$(date +%s) end methods" >> "$TL"
+  fi ;; esac
 case $PHASE in combine|all)  # CPU: stacking on the length model, nested over the folds, and the report
   for s in 42 7; do
     $PY -m infer ensemble members="$RUNS/plain@$s,$RUNS/length" labels="$MT" folds="$RUNS/mtbench-folds.csv" \
