@@ -17,7 +17,8 @@ from bench.common import (REPO_TARGETS, BenchConfig, arch_config, exact_model, f
 from infer.metrics import softmax
 from infer.scoring import plan_batches, prepare, run_shares, score_batches, split_batches, unbatch
 from model import packing
-from model.factory import HEAD, head_checksum, head_to_fp32
+from model.factory import HEAD, head_to_fp32
+from model.files import head_checksum
 from model.run import adapter_head, write_manifest
 from model.settings import InferSettings, ModelConfig
 

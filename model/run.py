@@ -26,10 +26,9 @@ import yaml
 
 from cli.config import ConfigError, UserError, from_dict
 from data.formatter import FORMATTER_VERSION, FormatConfig, Formatter
-from model.files import MANIFEST, file_table, is_temporary, verify_files
-from model.factory import (HEAD_SIZES, AdapterError, PooledClassifier, check_adapter_loaded, check_base, head_checksum,
-                           head_to_fp32,
-                           load_base, peft_reads_deprecated_flag, read_adapter)
+from model.factory import HEAD_SIZES, PooledClassifier, check_base, head_to_fp32, load_base, peft_reads_deprecated_flag
+from model.files import (MANIFEST, AdapterError, check_adapter_loaded, file_table, head_checksum, is_temporary, read_adapter,
+                         verify_files)
 from model.settings import InferSettings, ModelConfig, inference_model
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"

@@ -168,7 +168,7 @@ def sealed_run(folder: Path, oof) -> None:
     from safetensors.torch import save_file
 
     from data.formatter import FORMATTER_VERSION
-    from model.factory import head_checksum
+    from model.files import head_checksum
     from model.run import write_manifest
 
     head, key = torch.zeros(3, 8), "base_model.model.score.weight"

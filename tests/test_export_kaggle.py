@@ -23,7 +23,7 @@ from conftest import ENV, SAMPLE
 from cli.config import run_cli
 from data.io import LABEL_COLS, read_competition_csv
 from model.run import MANIFEST, file_table, verify_files, write_manifest
-from model.factory import head_checksum
+from model.files import head_checksum
 from infer.predict import load_run, predict_frame
 from train.export import ExportError
 from train.export import main as export_main

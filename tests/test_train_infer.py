@@ -17,7 +17,8 @@ from conftest import ENV, REPO, SAMPLE, train_args
 from cli.config import ConfigError, build_config
 from data.formatter import Formatter
 from data.io import LABEL_COLS, DataError
-from model.factory import AdapterError, build_for_training, pick_device
+from model.factory import build_for_training, pick_device
+from model.files import AdapterError
 from model.run import load_model, write_manifest
 from infer.predict import load_run, predict_frame, score_run
 from model.packing import pad_batch

@@ -50,7 +50,8 @@ from cli.config import ConfigError, UserError, cli_config, opt, run_cli
 from cli.output import check_output
 from data.formatter import FORMATTER_VERSION
 from infer.kaggle import DATASET_FORMAT, installed_version, parse_bases
-from model.factory import AdapterError, resolve_path
+from model.factory import resolve_path
+from model.files import AdapterError
 from model.run import MANIFEST, file_table, read_manifest, verify_files, verify_run
 from train.kaggle_files import LAUNCHER, notebook
 from train.merge import merge_folds

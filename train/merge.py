@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from cli.config import UserError
-from model.factory import head_checksum
+from model.files import head_checksum
 from model.run import ADAPTER_FILE, adapter_head, read_manifest, write_manifest
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cli.config import ConfigError
 from data.io import prompt_key, read_competition_csv
-from model.factory import load_adapter_weights
+from model.files import load_adapter_weights
 from model.run import run_folder, verify_run
 from train.config import TrainConfig
 

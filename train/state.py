@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 from cli.config import ConfigError, to_dict
-from model.factory import AdapterError
-from model.files import sha256_file
+from model.files import AdapterError, sha256_file
 from model.run import ADAPTER_FILE, partial_dir, run_folder, settings_diff, verify_run
 from train.config import TrainConfig, extra_csv_path
 from train.distill import teacher_digest

@@ -21,7 +21,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
 
 from data.formatter import Formatter
-from model.factory import HEAD, PooledClassifier, load_adapter_weights
+from model.factory import HEAD, PooledClassifier
+from model.files import load_adapter_weights
 from model.packing import pack_batch, pad_batch
 from model.tokens import encode_rows, in_memory
 from train.distributed import RankBalancedSampler
